@@ -1,0 +1,144 @@
+"""Raw loopback-TCP baselines measured in the benchmark subprocess.
+
+They give an in-process, same-machine lower bound for latency and upper
+bound for bandwidth, so the scheduler numbers can be read as "x of raw".
+Both use two threads of one process talking over 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import threading
+import time
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Return the ``q``-th percentile (0-100) of ``values``, linear interpolation."""
+    if not values:
+        raise ValueError("percentile of an empty list")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def asyncio_ping_pong(round_trips: int = 2000, size: int = 64, warmup: int = 200) -> list[float]:
+    """Measure asyncio TCP round trips between two threads; return seconds each.
+
+    An echo server runs in one thread's event loop, a client in another
+    thread's loop sends ``size`` bytes and waits for the echo.  The first
+    ``warmup`` round trips are discarded.
+    """
+    ready = threading.Event()
+    server_loop = asyncio.new_event_loop()
+    port_box: list[int] = []
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                data = await reader.readexactly(size)
+                writer.write(data)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def serve() -> None:
+        asyncio.set_event_loop(server_loop)
+        server = server_loop.run_until_complete(asyncio.start_server(echo, "127.0.0.1", 0))
+        port_box.append(server.sockets[0].getsockname()[1])
+        ready.set()
+        server_loop.run_forever()
+        server.close()
+        server_loop.run_until_complete(server.wait_closed())
+        server_loop.close()
+
+    samples: list[float] = []
+    errors: list[BaseException] = []
+
+    async def ping() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_box[0])
+        payload = b"x" * size
+        for i in range(warmup + round_trips):
+            start = time.perf_counter()
+            writer.write(payload)
+            await writer.drain()
+            await reader.readexactly(size)
+            if i >= warmup:
+                samples.append(time.perf_counter() - start)
+        writer.close()
+        await writer.wait_closed()
+
+    def client() -> None:
+        try:
+            asyncio.run(ping())
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+
+    server_thread = threading.Thread(target=serve, name="raw-echo-server", daemon=True)
+    server_thread.start()
+    if not ready.wait(10):
+        raise RuntimeError("raw echo server did not start")
+    client_thread = threading.Thread(target=client, name="raw-echo-client", daemon=True)
+    client_thread.start()
+    client_thread.join()
+    server_loop.call_soon_threadsafe(server_loop.stop)
+    server_thread.join(10)
+    if errors:
+        raise errors[0]
+    return samples
+
+
+def tcp_copy_seconds(nbytes: int) -> float:
+    """Copy ``nbytes`` over loopback TCP between two threads; return seconds.
+
+    The sender calls ``sendall`` on a preallocated buffer, the receiver
+    ``recv_into`` a preallocated ``bytearray``; the clock runs from just
+    before ``sendall`` until the receiver holds every byte.
+    """
+    payload = memoryview(bytes(nbytes))
+    sink = bytearray(nbytes)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    done_at: list[float] = []
+    errors: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                view = memoryview(sink)
+                got = 0
+                while got < nbytes:
+                    n = conn.recv_into(view[got:], nbytes - got)
+                    if n == 0:
+                        raise ConnectionError("sender closed early")
+                    got += n
+                done_at.append(time.perf_counter())
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+
+    receiver = threading.Thread(target=receive, name="raw-copy-receiver", daemon=True)
+    receiver.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sender:
+            start = time.perf_counter()
+            sender.sendall(payload)
+            receiver.join(120)
+    finally:
+        listener.close()
+    if errors:
+        raise errors[0]
+    if not done_at:
+        raise RuntimeError("raw TCP copy did not finish")
+    return done_at[0] - start
+
+
+def tcp_copy_mb_per_s(nbytes: int, repeats: int = 3) -> float:
+    """Return the median loopback TCP copy bandwidth in MB/s (1 MB = 1e6 bytes)."""
+    rates = [nbytes / 1e6 / tcp_copy_seconds(nbytes) for _ in range(repeats)]
+    return statistics.median(rates)

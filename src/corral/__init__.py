@@ -1,0 +1,48 @@
+"""Corral: a distributed task scheduler for Python, for clusters that are not uniform.
+
+The API follows dask.distributed's names::
+
+    from corral import Client
+    client = Client()
+    client.submit(sum, [1, 2, 3]).result()
+"""
+
+from ._version import __version__
+from .client import Client, Future, as_completed, default_client, wait
+from .deploy import LocalCluster
+from .errors import CommClosedError, FutureCancelledError, KilledWorker, LostDataError
+from .scheduler import Scheduler
+from .worker import Worker
+from .worker.execution import current_worker
+
+
+def get_worker() -> Worker:
+    """The worker running the current task (raise ``ValueError`` outside a task)."""
+    worker = current_worker()
+    if worker is None:
+        raise ValueError("get_worker() called outside a task running on a Corral worker")
+    return worker
+
+
+def get_client() -> Client:
+    """The default client of this process."""
+    return default_client()
+
+
+__all__ = [
+    "Client",
+    "CommClosedError",
+    "Future",
+    "FutureCancelledError",
+    "KilledWorker",
+    "LocalCluster",
+    "LostDataError",
+    "Scheduler",
+    "Worker",
+    "__version__",
+    "as_completed",
+    "default_client",
+    "get_client",
+    "get_worker",
+    "wait",
+]

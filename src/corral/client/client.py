@@ -1,0 +1,932 @@
+"""The user's handle on a cluster: submit work, get results.
+
+Method names and semantics follow ``distributed.Client`` so that moving over
+is a change of import.  In synchronous mode (the default) the client runs its
+own event loop in a background thread and every method blocks; with
+``asynchronous=True`` it uses the caller's loop and methods are awaitable.
+``submit`` and ``map`` never block in either mode: they serialize in the
+calling thread and queue one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
+from typing import Any
+
+from .._loop import LoopThread
+from ..comm import Connection
+from ..comm.handshake import connect, connect_with_retry
+from ..errors import CommClosedError
+from ..protocol.messages import (
+    CancelKeys,
+    Data,
+    GetData,
+    KeyCancelled,
+    KeyErred,
+    KeyInMemory,
+    Message,
+    ReleaseKeys,
+    Reply,
+    Request,
+    Scatter,
+    TaskSpec,
+    UpdateGraph,
+)
+from ..protocol.serialize import (
+    Payload,
+    Ref,
+    deserialize,
+    payload_digest,
+    serialize,
+    serialize_function,
+    sizeof,
+)
+from ..versions import get_versions
+from .future import Future, FutureState
+from .graph import execute_node, flatten_keys, graph_to_tasks, pack_results, stringify
+
+logger = logging.getLogger("corral.client")
+
+_PLAIN = (int, float, str, bytes, bool, type(None), complex)
+
+_current_client: list[Client] = []
+
+
+def default_client() -> Client:
+    """The most recently created client that is still open."""
+    for client in reversed(_current_client):
+        if client.status == "running":
+            return client
+    raise ValueError("no Corral client is running: create one with corral.Client()")
+
+
+class Client:
+    """Connect to a Corral scheduler (or start a local cluster) and run work on it.
+
+    Example::
+
+        from corral import Client
+        client = Client()                      # starts a LocalCluster
+        future = client.submit(sum, [1, 2, 3])
+        future.result()                        # 6
+        client.close()
+    """
+
+    def __init__(
+        self,
+        address: Any = None,
+        *,
+        asynchronous: bool = False,
+        timeout: float = 30.0,
+        name: str | None = None,
+        token: str | None = None,
+        set_as_default: bool = True,
+        **cluster_kwargs: Any,
+    ) -> None:
+        self.asynchronous = asynchronous
+        self.timeout = timeout
+        self.name = name
+        self.id = f"client-{uuid.uuid4().hex[:12]}"
+        self.status = "created"
+        self.cluster: Any = None
+        self._own_cluster = False
+        self._cluster_kwargs = cluster_kwargs
+        if address is None:
+            self._own_cluster = True
+        elif hasattr(address, "scheduler_address"):
+            self.cluster = address
+            token = token or getattr(address, "token", None)
+        elif not isinstance(address, str):
+            raise TypeError(f"Client address must be a string or a cluster, not {address!r}")
+        self._address = address if isinstance(address, str) else None
+        self.token = token
+        self._lock = threading.Lock()
+        self._futures: dict[str, FutureState] = {}
+        self._conn: Connection | None = None
+        self._workers: dict[str, Connection] = {}
+        self._requests: dict[int, asyncio.Future[Any]] = {}
+        self._request_ids = itertools.count(1)
+        self._order = itertools.count()
+        self._pending_out: list[Message] = []
+        self._flush_scheduled = False
+        self._functions: dict[int, tuple[Any, str, Payload]] = {}
+        self._function_lock = threading.Lock()
+        self._loop_thread: LoopThread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.set_as_default = set_as_default
+        if not asynchronous:
+            self._loop_thread = LoopThread(name="corral-client")
+            self.loop = self._loop_thread.loop
+            self._loop_thread.run(self._start(), timeout=None)
+
+    # -- lifecycle -----------------------------------------------------------------
+    def __await__(self) -> Any:
+        return self._start().__await__()
+
+    async def __aenter__(self) -> Client:
+        await self._start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def _start(self) -> Client:
+        if self.status == "running":
+            return self
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        if self._own_cluster:
+            from ..deploy.local import LocalCluster
+
+            self.cluster = await LocalCluster(asynchronous=True, **self._cluster_kwargs)
+            self.token = self.token or self.cluster.token
+        if self.cluster is not None:
+            self._address = self.cluster.scheduler_address
+        assert self._address is not None
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        conn, welcome = await connect_with_retry(
+            self._address,
+            deadline=deadline,
+            role="client",
+            my_id=self.id,
+            name=self.name,
+            token=self.token,
+            versions=get_versions(),
+        )
+        self._conn = conn
+        conn.set_handler(self._on_messages)
+        conn.on_close(self._on_scheduler_closed)
+        self.status = "running"
+        if self.set_as_default:
+            _current_client.append(self)
+        return self
+
+    def close(self, timeout: float | None = None) -> Any:
+        """Close the connection (and the local cluster this client started)."""
+        if self.asynchronous:
+            return self._close()
+        if self.status == "closed" or self._loop_thread is None:
+            return None
+        try:
+            self._loop_thread.run(self._close(), timeout=timeout or self.timeout)
+        finally:
+            self._loop_thread.stop()
+        return None
+
+    async def _close(self) -> None:
+        if self.status == "closed":
+            return
+        self.status = "closed"
+        if self in _current_client:
+            _current_client.remove(self)
+        self._flush_pending()
+        if self._conn is not None:
+            self._conn.close("client closing")
+        for conn in self._workers.values():
+            conn.close()
+        for fs in list(self._futures.values()):
+            if not fs.done():
+                fs.cancel("the client was closed")
+        if self._own_cluster and self.cluster is not None:
+            await self.cluster._close()
+
+    def _on_scheduler_closed(self, conn: Connection) -> None:
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(CommClosedError(f"lost the scheduler: {conn.close_reason}"))
+        if self.status == "closed":
+            return
+        self.status = "lost"
+        logger.warning("lost the connection to the scheduler: %s", conn.close_reason)
+        for fs in list(self._futures.values()):
+            if not fs.done():
+                fs.cancel(f"lost the connection to the scheduler ({conn.close_reason})", lost=True)
+
+    def _sync(self, coro: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
+        if self.asynchronous:
+            return coro
+        if self.status != "running":
+            coro.close()
+            raise CommClosedError(f"the client is {self.status}")
+        assert self._loop_thread is not None
+        return self._loop_thread.run(coro, timeout)
+
+    @property
+    def scheduler_address(self) -> str | None:
+        """The address of the scheduler this client talks to."""
+        return self._address
+
+    def __repr__(self) -> str:
+        return f"<Client: {self._address} status={self.status}>"
+
+    # -- futures bookkeeping -------------------------------------------------------
+    def _acquire(self, key: str) -> FutureState:
+        with self._lock:
+            fs = self._futures.get(key)
+            if fs is None:
+                fs = self._futures[key] = FutureState(key, self._lock)
+            fs.refs += 1
+            return fs
+
+    def _acquire_state(self, fs: FutureState) -> None:
+        with self._lock:
+            fs.refs += 1
+
+    def _release(self, fs: FutureState) -> None:
+        with self._lock:
+            fs.refs -= 1
+            if fs.refs > 0:
+                return
+            if self._futures.get(fs.key) is fs:
+                del self._futures[fs.key]
+        if self.status == "running":
+            self._send(ReleaseKeys(keys=[fs.key]))
+
+    def futures_of(self, keys: Iterable[str]) -> list[Future]:
+        """Futures for keys the scheduler already holds for this client."""
+        return [Future(k, self) for k in keys]
+
+    # -- sending -------------------------------------------------------------------
+    def _send(self, msg: Message) -> None:
+        """Queue ``msg`` for the scheduler from any thread; one loop wake-up per burst."""
+        with self._lock:
+            self._pending_out.append(msg)
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        loop = self.loop
+        assert loop is not None
+        if self._in_loop():
+            loop.call_soon(self._flush_pending)
+        else:
+            loop.call_soon_threadsafe(self._flush_pending)
+
+    def _in_loop(self) -> bool:
+        if self._loop_thread is not None:
+            return threading.current_thread() is self._loop_thread.thread
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    def _flush_pending(self) -> None:
+        with self._lock:
+            batch, self._pending_out = self._pending_out, []
+            self._flush_scheduled = False
+        if batch and self._conn is not None and not self._conn.closed:
+            self._conn.send_many(batch)
+
+    async def _request(self, method: str, **args: Any) -> Any:
+        """Ask the scheduler a read-only question."""
+        loop = asyncio.get_running_loop()
+        rid = next(self._request_ids)
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._requests[rid] = fut
+        self._send(Request(id=rid, method=method, args=args))
+        try:
+            return await asyncio.wait_for(fut, self.timeout * 10)
+        finally:
+            self._requests.pop(rid, None)
+
+    # -- receiving -----------------------------------------------------------------
+    def _on_messages(self, batch: list[Message]) -> None:
+        futures = self._futures
+        for msg in batch:
+            kind = type(msg)
+            if kind is KeyInMemory:
+                assert isinstance(msg, KeyInMemory)
+                fs = futures.get(msg.key)
+                if fs is not None:
+                    fs.finish(msg.who_has, msg.typename, msg.result)
+            elif kind is KeyErred:
+                assert isinstance(msg, KeyErred)
+                fs = futures.get(msg.key)
+                if fs is not None:
+                    fs.fail(msg.error)
+            elif kind is KeyCancelled:
+                assert isinstance(msg, KeyCancelled)
+                fs = futures.get(msg.key)
+                if fs is not None:
+                    fs.cancel(msg.reason, lost=msg.lost)
+            elif kind is Reply:
+                assert isinstance(msg, Reply)
+                fut = self._requests.get(msg.id)
+                if fut is not None and not fut.done():
+                    if msg.error is not None:
+                        fut.set_exception(RuntimeError(msg.error))
+                    else:
+                        fut.set_result(msg.result)
+            else:
+                logger.warning("ignoring unexpected op %r from the scheduler", kind.op)
+
+    # -- submitting ----------------------------------------------------------------
+    def _function_id(self, fn: Any) -> tuple[str, Payload]:
+        """Serialize ``fn`` once per client (cached by identity while it lives)."""
+        with self._function_lock:
+            entry = self._functions.get(id(fn))
+            if entry is not None and entry[0] is fn:
+                return entry[1], entry[2]
+        payload = serialize_function(fn)
+        fid = payload_digest(payload)
+        with self._function_lock:
+            if len(self._functions) > 1000:
+                self._functions.clear()
+            self._functions[id(fn)] = (fn, fid, payload)
+        return fid, payload
+
+    def _pack_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Payload, list[str]]:
+        deps: dict[str, None] = {}
+
+        def walk(obj: Any) -> Any:
+            kind = type(obj)
+            if kind in _PLAIN:
+                return obj
+            if kind is Future:
+                if obj._client is not self:
+                    raise ValueError(f"{obj!r} belongs to another client")
+                deps[obj.key] = None
+                return Ref(obj.key)
+            if kind is list or kind is tuple:
+                return kind(walk(o) for o in obj)
+            if kind is dict:
+                return {k: walk(v) for k, v in obj.items()}
+            if kind is set or kind is frozenset:
+                return kind(walk(o) for o in obj)
+            return obj
+
+        if all(type(a) in _PLAIN for a in args) and not kwargs:
+            packed: Any = (args, kwargs)
+        else:
+            packed = (walk(args), walk(kwargs))
+        return serialize(packed), list(deps)
+
+    def _task_options(
+        self,
+        priority: int,
+        workers: Any,
+        allow_other_workers: bool,
+        retries: int,
+        resources: dict[str, float] | None,
+    ) -> dict[str, Any]:
+        if isinstance(workers, str):
+            workers = [workers]
+        return {
+            "priority": [-priority, next(self._order)],
+            "workers": list(workers) if workers else None,
+            "allow_other_workers": allow_other_workers,
+            "retries": retries or 0,
+            "resources": dict(resources) if resources else None,
+        }
+
+    def submit(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        key: str | None = None,
+        pure: bool = True,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        retries: int = 0,
+        priority: int = 0,
+        resources: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> Future:
+        """Run ``func(*args, **kwargs)`` on the cluster; return a :class:`Future`.
+
+        Example::
+
+            future = client.submit(pow, 2, 10)
+            future.result()   # 1024
+        """
+        if not callable(func):
+            raise TypeError(f"submit needs a callable, got {type(func).__name__}")
+        fid, fn_payload = self._function_id(func)
+        args_payload, deps = self._pack_args(args, kwargs)
+        if key is None:
+            key = _make_key(func, fid, args_payload, pure)
+        spec = TaskSpec(
+            key=key,
+            args=args_payload,
+            fn=fid,
+            deps=deps,
+            **self._task_options(priority, workers, allow_other_workers, retries, resources),
+        )
+        future = Future(key, self)
+        self._send(UpdateGraph(tasks=[spec], wanted=[key], functions={fid: fn_payload}))
+        return future
+
+    def map(
+        self,
+        func: Callable[..., Any],
+        *iterables: Iterable[Any],
+        key: str | list[str] | None = None,
+        pure: bool = True,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        retries: int = 0,
+        priority: int = 0,
+        resources: dict[str, float] | None = None,
+        batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> list[Future]:
+        """Apply ``func`` to each element of the iterables; the function travels once.
+
+        Example::
+
+            futures = client.map(lambda x: x + 1, range(100))
+            sum(client.gather(futures))   # 5050
+        """
+        if not callable(func):
+            raise TypeError(f"map needs a callable, got {type(func).__name__}")
+        fid, fn_payload = self._function_id(func)
+        columns = [list(it) for it in iterables]
+        if not columns:
+            return []
+        items = list(zip(*columns, strict=False))
+        if isinstance(key, list) and len(key) != len(items):
+            raise ValueError(f"map got {len(key)} keys for {len(items)} items")
+        options = self._task_options(priority, workers, allow_other_workers, retries, resources)
+        base_priority = options.pop("priority")
+        specs = []
+        keys = []
+        for i, item in enumerate(items):
+            args_payload, deps = self._pack_args(item, kwargs)
+            if isinstance(key, list):
+                k = key[i]
+            elif isinstance(key, str):
+                k = f"{key}-{_digest(fid, args_payload, pure)}"
+            else:
+                k = _make_key(func, fid, args_payload, pure)
+            keys.append(k)
+            specs.append(
+                TaskSpec(key=k, args=args_payload, fn=fid, deps=deps, priority=[*base_priority, i], **options)
+            )
+        futures = [Future(k, self) for k in keys]
+        step = batch_size or len(specs)
+        for start in range(0, len(specs), step):
+            chunk = specs[start : start + step]
+            self._send(
+                UpdateGraph(tasks=chunk, wanted=[s.key for s in chunk], functions={fid: fn_payload})
+            )
+        return futures
+
+    # -- graphs ----------------------------------------------------------------------
+    def _submit_graph(
+        self,
+        dsk: Mapping[Hashable, Any],
+        keys: list[Hashable],
+        *,
+        priority: int = 0,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        retries: int = 0,
+        resources: dict[str, float] | None = None,
+    ) -> dict[Hashable, Future]:
+        tasks, _external = graph_to_tasks(dsk)
+        fid, fn_payload = self._function_id(execute_node)
+        options = self._task_options(priority, workers, allow_other_workers, retries, resources)
+        base = options.pop("priority")
+        specs = [
+            TaskSpec(key=k, args=args, fn=fid, deps=deps, priority=[*base, order], **options)
+            for k, args, deps, order in tasks
+        ]
+        wanted = {stringify(k): k for k in keys}
+        futures = {orig: Future(skey, self) for skey, orig in wanted.items()}
+        self._send(UpdateGraph(tasks=specs, wanted=list(wanted), functions={fid: fn_payload}))
+        return futures
+
+    def get(
+        self,
+        dsk: Mapping[Hashable, Any],
+        keys: Any,
+        *,
+        sync: bool = True,
+        asynchronous: bool | None = None,
+        resources: dict[str, float] | None = None,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        retries: int = 0,
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> Any:
+        """Compute a dask-style graph and return the results of ``keys`` (same nesting).
+
+        Works as a dask scheduler: ``dask.compute(x, scheduler=client.get)``.
+        """
+        flat = list(dict.fromkeys(flatten_keys(keys)))
+        futures = self._submit_graph(
+            dsk,
+            flat,
+            priority=priority,
+            workers=workers,
+            allow_other_workers=allow_other_workers,
+            retries=retries,
+            resources=resources,
+        )
+        if self.asynchronous and asynchronous is not False:
+            return self._get_async(keys, futures)
+        values = self.gather(list(futures.values()))
+        return pack_results(keys, dict(zip(futures, values, strict=True)))
+
+    async def _get_async(self, keys: Any, futures: dict[Hashable, Future]) -> Any:
+        values = await self._gather(list(futures.values()), "raise")
+        return pack_results(keys, dict(zip(futures, values, strict=True)))
+
+    def compute(self, collections: Any, sync: bool = False, **kwargs: Any) -> Any:
+        """Start computing dask collections; return a future per collection.
+
+        Example::
+
+            import dask.array as da
+            total = client.compute(da.ones(1000, chunks=100).sum())
+            total.result()   # 1000.0
+        """
+        import dask
+        from dask.base import collections_to_expr
+
+        single = not isinstance(collections, list | tuple)
+        colls = [collections] if single else list(collections)
+        futures = []
+        for coll in colls:
+            if not dask.is_dask_collection(coll):
+                futures.append(self.submit(lambda x: x, coll))
+                continue
+            expr = collections_to_expr([coll], optimize_graph=kwargs.get("optimize_graph", True))
+            dsk = dict(expr.__dask_graph__())
+            out_keys = list(flatten_keys(coll.__dask_keys__()))
+            finalize, extra = coll.__dask_postcompute__()
+            parts = self._submit_graph(dsk, out_keys, **_graph_options(kwargs))
+            nested = _nest_like(coll.__dask_keys__(), parts)
+            futures.append(self.submit(_finalize, finalize, nested, extra, pure=False))
+        if sync:
+            futures = self.gather(futures)
+        return futures[0] if single else futures
+
+    def persist(self, collections: Any, **kwargs: Any) -> Any:
+        """Start computing dask collections and keep the results on the cluster."""
+        import dask
+        from dask.base import collections_to_expr
+
+        single = not isinstance(collections, list | tuple)
+        colls = [collections] if single else list(collections)
+        out = []
+        for coll in colls:
+            if not dask.is_dask_collection(coll):
+                out.append(coll)
+                continue
+            expr = collections_to_expr([coll], optimize_graph=kwargs.get("optimize_graph", True))
+            dsk = dict(expr.__dask_graph__())
+            out_keys = list(flatten_keys(coll.__dask_keys__()))
+            futures = self._submit_graph(dsk, out_keys, **_graph_options(kwargs))
+            rebuild, args = coll.__dask_postpersist__()
+            out.append(rebuild(futures, *args))
+        return out[0] if single else out
+
+    # -- results -----------------------------------------------------------------------
+    def _value_sync(self, future: Future) -> Any:
+        fs = future._state
+        if fs.status != "finished":
+            raise fs.exception()
+        if fs.has_value:
+            return fs.value
+        if fs.payload is not None:
+            return self._unpack(fs)
+        return self._sync(self._fetch([fs]))[0]
+
+    async def _result_async(self, future: Future, timeout: float | None) -> Any:
+        fs = future._state
+        await asyncio.wait_for(fs.wait_async(), timeout)
+        if fs.status != "finished":
+            raise fs.exception()
+        if fs.has_value:
+            return fs.value
+        if fs.payload is not None:
+            return self._unpack(fs)
+        return (await self._fetch([fs]))[0]
+
+    def _unpack(self, fs: FutureState) -> Any:
+        payload = fs.payload
+        if payload is None:
+            return fs.value
+        value = deserialize(payload)
+        fs.value, fs.has_value, fs.payload = value, True, None
+        return value
+
+    async def _fetch(self, states: list[FutureState]) -> list[Any]:
+        """Get values of finished keys straight from the workers holding them."""
+        todo = [fs for fs in states if not fs.has_value and fs.payload is None]
+        for attempt in range(5):
+            if not todo:
+                break
+            by_worker: dict[str, list[FutureState]] = {}
+            unknown = [fs for fs in todo if not fs.who_has]
+            if unknown or attempt:
+                who_has = await self._request("who_has", keys=[fs.key for fs in todo])
+                for fs in todo:
+                    fs.who_has = who_has.get(fs.key, [])
+            for fs in todo:
+                if fs.who_has:
+                    by_worker.setdefault(fs.who_has[attempt % len(fs.who_has)], []).append(fs)
+            results = await asyncio.gather(
+                *(self._get_from_worker(w, group) for w, group in by_worker.items()),
+                return_exceptions=True,
+            )
+            for res in results:
+                if isinstance(res, BaseException):
+                    logger.info("gather from a worker failed: %s", res)
+            todo = [fs for fs in todo if not fs.has_value and fs.payload is None]
+            if todo:
+                await asyncio.sleep(0.05 * (attempt + 1))
+        if todo:
+            raise CommClosedError(
+                f"could not fetch {[fs.key for fs in todo][:5]} from any worker holding them"
+            )
+        return [fs.value if fs.has_value else self._unpack(fs) for fs in states]
+
+    async def _get_from_worker(self, address: str, group: list[FutureState]) -> None:
+        conn = self._workers.get(address)
+        if conn is None or conn.closed:
+            conn, _ = await connect(address, role="client", my_id=self.id, token=self.token)
+            self._workers[address] = conn
+        conn.send(GetData(keys=[fs.key for fs in group]))
+        reply = await conn.recv(timeout=self.timeout * 10)
+        if not isinstance(reply, Data):
+            conn.abort("unexpected reply")
+            raise CommClosedError(f"unexpected reply from {address}")
+        for fs in group:
+            payload = reply.data.get(fs.key)
+            if payload is not None and not fs.has_value:
+                fs.payload = payload
+
+    def gather(self, futures: Any, errors: str = "raise", direct: bool | None = None) -> Any:
+        """Wait for futures and return their results in the same structure.
+
+        Example::
+
+            client.gather([client.submit(inc, i) for i in range(3)])   # [1, 2, 3]
+        """
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
+        if self.asynchronous:
+            return self._gather(futures, errors)
+        flat = [f for f in _iter_futures(futures)]
+        for f in flat:
+            f._state.wait()
+        states = [f._state for f in flat]
+        for fs in states:
+            if fs.status != "finished" and errors == "raise":
+                raise fs.exception()
+        need = [fs for fs in states if fs.status == "finished" and not fs.has_value and fs.payload is None]
+        if need:
+            self._sync(self._fetch(need))
+        values = {
+            fs.key: (fs.value if fs.has_value else self._unpack(fs))
+            for fs in states
+            if fs.status == "finished"
+        }
+        return _rebuild(futures, values, errors)
+
+    async def _gather(self, futures: Any, errors: str) -> Any:
+        flat = list(_iter_futures(futures))
+        for f in flat:
+            await f._state.wait_async()
+        states = [f._state for f in flat]
+        for fs in states:
+            if fs.status != "finished" and errors == "raise":
+                raise fs.exception()
+        done = [fs for fs in states if fs.status == "finished"]
+        await self._fetch(done)
+        return _rebuild(futures, {fs.key: fs.value for fs in done}, errors)
+
+    def scatter(self, data: Any, workers: Any = None, broadcast: bool = False, hash: bool = True) -> Any:
+        """Move local data to workers; return futures pointing at it.
+
+        Example::
+
+            [big] = client.scatter([list(range(10**6))])
+            client.submit(len, big).result()   # 1000000
+        """
+        if isinstance(workers, str):
+            workers = [workers]
+        single = not isinstance(data, list | tuple | set | frozenset | dict)
+        items: dict[Any, Any]
+        if isinstance(data, dict):
+            items = dict(data)
+        elif single:
+            items = {None: data}
+        else:
+            items = {i: v for i, v in enumerate(data)}
+        payloads: dict[str, Payload] = {}
+        nbytes: dict[str, int] = {}
+        names: dict[Any, str] = {}
+        for name, value in items.items():
+            payload = serialize(value)
+            if isinstance(data, dict):
+                key = str(name)
+            elif hash:
+                key = f"{type(value).__name__}-{payload_digest(payload)}"
+            else:
+                key = f"{type(value).__name__}-{uuid.uuid4().hex}"
+            names[name] = key
+            payloads[key] = payload
+            nbytes[key] = sizeof(value)
+        coro = self._scatter(payloads, nbytes, workers, broadcast)
+        if self.asynchronous:
+            return self._finish_scatter_async(coro, data, names, single)
+        self._sync(coro)
+        return _scatter_result(self, data, names, single)
+
+    async def _scatter(
+        self, payloads: dict[str, Payload], nbytes: dict[str, int], workers: Any, broadcast: bool
+    ) -> None:
+        for key in payloads:
+            self._acquire(key)  # held until the public futures exist
+        try:
+            loop = asyncio.get_running_loop()
+            rid = next(self._request_ids)
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._requests[rid] = fut
+            self._send(
+                Scatter(id=rid, data=payloads, nbytes=nbytes, workers=workers, broadcast=broadcast)
+            )
+            try:
+                who_has = await asyncio.wait_for(fut, self.timeout * 10)
+            finally:
+                self._requests.pop(rid, None)
+            for key, holders in who_has.items():
+                fs = self._futures.get(key)
+                if fs is not None:
+                    fs.finish(holders, None, None)
+        except BaseException:
+            for key in payloads:
+                fs = self._futures.get(key)
+                if fs is not None:
+                    self._release(fs)
+            raise
+
+    async def _finish_scatter_async(
+        self, coro: Coroutine[Any, Any, Any], data: Any, names: dict[Any, str], single: bool
+    ) -> Any:
+        await coro
+        return _scatter_result(self, data, names, single)
+
+    def cancel(self, futures: Any, force: bool = False) -> Any:
+        """Cancel futures (and everything depending on them)."""
+        keys = [f.key for f in _iter_futures(futures)]
+        for f in _iter_futures(futures):
+            f._state.cancel("cancelled by the client")
+        self._send(CancelKeys(keys=keys))
+        if self.asynchronous:
+            return _noop()
+        return None
+
+    # -- questions to the scheduler ------------------------------------------------
+    def scheduler_info(self) -> Any:
+        """Workers (by address: name, nthreads, memory_limit, resources, ...) and more."""
+        return self._sync(self._request("scheduler_info"))
+
+    def who_has(self, futures: Any = None) -> Any:
+        """Which workers hold which keys."""
+        keys = None if futures is None else [f.key for f in _iter_futures(futures)]
+        return self._sync(self._request("who_has", keys=keys))
+
+    def why_pending(self, futures: Any) -> Any:
+        """Readable reasons why these futures have not finished."""
+        single = isinstance(futures, Future)
+        keys = [f.key for f in _iter_futures(futures)]
+        coro = self._request("why_pending", keys=keys)
+        if single:
+            coro = _first_value(coro, keys[0])
+        return self._sync(coro)
+
+    def story(self, key: Any) -> Any:
+        """The scheduler's transition log of one key."""
+        k = key.key if isinstance(key, Future) else stringify(key)
+        return self._sync(self._request("story", key=k))
+
+    def nthreads(self) -> Any:
+        """Threads per worker address."""
+        coro = self._request("scheduler_info")
+        return self._sync(_map_workers(coro, "nthreads"))
+
+    ncores = nthreads
+
+    def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None) -> Any:
+        """Block until at least ``n_workers`` workers are connected."""
+        return self._sync(self._wait_for_workers(n_workers, timeout))
+
+    async def _wait_for_workers(self, n: int, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            info = await self._request("scheduler_info")
+            if len(info["workers"]) >= n:
+                return
+            if deadline is not None and loop.time() > deadline:
+                raise TimeoutError(f"only {len(info['workers'])} of {n} workers after {timeout}s")
+            await asyncio.sleep(0.05)
+
+
+# -- helpers --------------------------------------------------------------------------
+def _digest(fid: str, args: Payload, pure: bool) -> str:
+    if not pure:
+        return uuid.uuid4().hex
+    h = hashlib.blake2b(fid.encode(), digest_size=16)
+    for f in args.frames:
+        h.update(f)
+    return h.hexdigest()
+
+
+def _make_key(func: Any, fid: str, args: Payload, pure: bool) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    if name == "<lambda>":
+        name = "lambda"
+    return f"{name}-{_digest(fid, args, pure)}"
+
+
+def _iter_futures(obj: Any) -> Iterable[Future]:
+    if isinstance(obj, Future):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _iter_futures(v)
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for v in obj:
+            yield from _iter_futures(v)
+    elif hasattr(obj, "__iter__") and not isinstance(obj, str | bytes):
+        for v in obj:
+            yield from _iter_futures(v)
+
+
+def _rebuild(obj: Any, values: dict[str, Any], errors: str) -> Any:
+    if isinstance(obj, Future):
+        return values[obj.key]
+    if isinstance(obj, dict):
+        return {
+            k: _rebuild(v, values, errors)
+            for k, v in obj.items()
+            if not (isinstance(v, Future) and v.key not in values)
+        }
+    if isinstance(obj, list | tuple | set | frozenset):
+        items = [
+            _rebuild(v, values, errors)
+            for v in obj
+            if not (isinstance(v, Future) and v.key not in values)
+        ]
+        return type(obj)(items)
+    if hasattr(obj, "__iter__") and not isinstance(obj, str | bytes):
+        return [_rebuild(v, values, errors) for v in obj if not (isinstance(v, Future) and v.key not in values)]
+    return obj
+
+
+def _scatter_result(client: Client, data: Any, names: dict[Any, str], single: bool) -> Any:
+    futures = {name: Future(key, client) for name, key in names.items()}
+    for key in names.values():
+        fs = client._futures.get(key)
+        if fs is not None:
+            client._release(fs)  # drop the hold taken while scattering
+    if single:
+        return futures[None]
+    if isinstance(data, dict):
+        return futures
+    return type(data)(futures[i] for i in range(len(futures))) if not isinstance(data, set | frozenset) else list(futures.values())
+
+
+def _nest_like(keys: Any, parts: dict[Hashable, Future]) -> Any:
+    if isinstance(keys, list):
+        return [_nest_like(k, parts) for k in keys]
+    return parts[keys]
+
+
+def _finalize(finalize: Callable[..., Any], results: Any, extra: tuple[Any, ...]) -> Any:
+    return finalize(results, *extra)
+
+
+def _graph_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    allowed = ("priority", "workers", "allow_other_workers", "retries", "resources")
+    return {k: kwargs[k] for k in allowed if k in kwargs}
+
+
+async def _noop() -> None:
+    return None
+
+
+async def _first_value(coro: Coroutine[Any, Any, Any], key: str) -> Any:
+    return (await coro)[key]
+
+
+async def _map_workers(coro: Coroutine[Any, Any, Any], field: str) -> Any:
+    info = await coro
+    return {addr: w[field] for addr, w in info["workers"].items()}

@@ -1,0 +1,296 @@
+"""Futures: handles on results that live on the cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FutureCancelledError, KilledWorker, LostDataError, RemoteError, RemoteTraceback
+from ..protocol.messages import ErrorInfo
+from ..protocol.serialize import Payload, deserialize
+
+if TYPE_CHECKING:
+    from .client import Client
+
+DONE = frozenset({"finished", "error", "cancelled", "lost"})
+
+_KNOWN_ERRORS: dict[str, type[Exception]] = {
+    "KilledWorker": KilledWorker,
+    "LostDataError": LostDataError,
+}
+
+
+def rebuild_error(error: ErrorInfo, key: str | None = None) -> BaseException:
+    """The original exception with its remote traceback, when it can be rebuilt."""
+    exc: BaseException | None = None
+    if error.exception is not None:
+        try:
+            exc = deserialize(error.exception)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        cls = _KNOWN_ERRORS.get(error.typename)
+        if cls is KilledWorker:
+            exc = KilledWorker(error.message, key=key)
+        elif cls is not None:
+            exc = cls(error.message)
+        else:
+            exc = RemoteError(error.typename, error.message, error.traceback_text)
+    if error.traceback is not None:
+        try:
+            exc = exc.with_traceback(deserialize(error.traceback))
+        except Exception:
+            pass
+    if error.traceback_text and exc.__cause__ is None:
+        exc.__cause__ = RemoteTraceback(f"\n\nRemote traceback:\n{error.traceback_text}")
+    return exc
+
+
+class FutureState:
+    """What the client knows of one key; shared by every Future for it."""
+
+    __slots__ = (
+        "_async_waiters",
+        "_callbacks",
+        "_event",
+        "error",
+        "exception_obj",
+        "has_value",
+        "key",
+        "lock",
+        "payload",
+        "refs",
+        "status",
+        "typename",
+        "value",
+        "who_has",
+    )
+
+    def __init__(self, key: str, lock: threading.Lock):
+        self.key = key
+        self.status = "pending"
+        self.payload: Payload | None = None
+        self.value: Any = None
+        self.has_value = False
+        self.error: ErrorInfo | None = None
+        self.exception_obj: BaseException | None = None
+        self.who_has: list[str] = []
+        self.typename: str | None = None
+        self.refs = 0
+        self.lock = lock
+        self._event: threading.Event | None = None
+        self._async_waiters: list[asyncio.Future[None]] = []
+        self._callbacks: list[Callable[[FutureState], None]] = []
+
+    def done(self) -> bool:
+        """True once the key finished, failed, was cancelled or lost."""
+        return self.status in DONE
+
+    # -- set from the client's event loop ------------------------------------------
+    def finish(self, who_has: list[str], typename: str | None, payload: Payload | None) -> None:
+        """The key is in memory on the cluster."""
+        self.who_has = who_has
+        self.typename = typename
+        if payload is not None and not self.has_value:
+            self.payload = payload
+        self._complete("finished")
+
+    def fail(self, error: ErrorInfo) -> None:
+        """The key failed."""
+        self.error = error
+        self.exception_obj = None
+        self._complete("error")
+
+    def cancel(self, reason: str, lost: bool = False) -> None:
+        """The key was cancelled (or lost beyond recovery)."""
+        self.error = ErrorInfo(typename="CancelledError", message=reason)
+        self._complete("lost" if lost else "cancelled")
+
+    def reset(self) -> None:
+        """The key is being computed again (its data was lost)."""
+        with self.lock:
+            self.status = "pending"
+            self.payload = None
+            self.has_value = False
+            self.value = None
+            if self._event is not None:
+                self._event.clear()
+
+    def _complete(self, status: str) -> None:
+        with self.lock:
+            self.status = status
+            event = self._event
+            callbacks, self._callbacks = self._callbacks, []
+        if event is not None:
+            event.set()
+        waiters, self._async_waiters = self._async_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+        for cb in callbacks:
+            cb(self)
+
+    # -- waiting ---------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block this (non-loop) thread until done; False on timeout."""
+        if self.status in DONE:
+            return True
+        with self.lock:
+            if self.status in DONE:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+    async def wait_async(self) -> None:
+        """Wait on the client's event loop until done."""
+        if self.status in DONE:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._async_waiters.append(fut)
+        await fut
+
+    def add_callback(self, cb: Callable[[FutureState], None]) -> bool:
+        """Call ``cb(self)`` when done; return False (and do not register) if done already."""
+        with self.lock:
+            if self.status in DONE:
+                return False
+            self._callbacks.append(cb)
+            return True
+
+    def exception(self) -> BaseException:
+        """The exception to raise for an erred, cancelled or lost key."""
+        if self.exception_obj is None:
+            assert self.error is not None
+            if self.status in ("cancelled", "lost"):
+                self.exception_obj = FutureCancelledError(self.key, self.error.message)
+            else:
+                self.exception_obj = rebuild_error(self.error, self.key)
+        return self.exception_obj
+
+
+class Future:
+    """A remote result.  Mirrors ``distributed.Future``.
+
+    Example::
+
+        fut = client.submit(inc, 1)
+        fut.result()   # 2
+    """
+
+    __slots__ = ("__weakref__", "_client", "_state", "key")
+
+    def __init__(self, key: str, client: Client, state: FutureState | None = None):
+        self.key = key
+        self._client = client
+        self._state = state if state is not None else client._acquire(key)
+        if state is not None:
+            client._acquire_state(state)
+
+    @property
+    def client(self) -> Client:
+        """The client this future belongs to."""
+        return self._client
+
+    @property
+    def status(self) -> str:
+        """``pending``, ``finished``, ``error``, ``cancelled`` or ``lost``."""
+        return self._state.status
+
+    def done(self) -> bool:
+        """True if the computation is complete (finished, failed or cancelled)."""
+        return self._state.done()
+
+    def cancelled(self) -> bool:
+        """True if the future was cancelled."""
+        return self._state.status == "cancelled"
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for and return the result; raise the task's exception if it failed.
+
+        In asynchronous mode this returns an awaitable.
+        """
+        if self._client.asynchronous:
+            return self._client._result_async(self, timeout)
+        if not self._state.wait(timeout):
+            raise TimeoutError(f"result of {self.key!r} not ready within {timeout}s")
+        return self._client._value_sync(self)
+
+    def exception(self, timeout: float | None = None) -> Any:
+        """Wait, then return the exception of a failed future (``None`` if it succeeded)."""
+        if self._client.asynchronous:
+            return self._exception_async(timeout)
+        if not self._state.wait(timeout):
+            raise TimeoutError(f"{self.key!r} not done within {timeout}s")
+        return self._state.exception() if self._state.status == "error" else None
+
+    async def _exception_async(self, timeout: float | None) -> BaseException | None:
+        await asyncio.wait_for(self._state.wait_async(), timeout)
+        return self._state.exception() if self._state.status == "error" else None
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        """The remote traceback object of a failed future (``None`` if it succeeded)."""
+        exc = self.exception(timeout) if not self._client.asynchronous else None
+        if exc is None and self._client.asynchronous and self._state.status == "error":
+            exc = self._state.exception()
+        return exc.__traceback__ if exc is not None else None
+
+    def cancel(self) -> Any:
+        """Cancel this future and everything that depends on it."""
+        return self._client.cancel([self])
+
+    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+        """Call ``fn(self)`` once done (at once if already done)."""
+
+        def call(_: FutureState) -> None:
+            try:
+                fn(self)
+            except Exception:
+                import logging
+
+                logging.getLogger("corral.client").exception("done callback %r failed", fn)
+
+        if not self._state.add_callback(call):
+            call(self._state)
+
+    def release(self) -> None:
+        """Drop this handle now (the result is freed when no handle is left)."""
+        state, self._state = self._state, None  # type: ignore[assignment]
+        if state is not None:
+            self._client._release(state)
+
+    def __await__(self) -> Any:
+        return self._client._result_async(self, None).__await__()
+
+    def __del__(self) -> None:
+        try:
+            state = self._state
+        except AttributeError:
+            return
+        if state is not None:
+            try:
+                self._client._release(state)
+            except Exception:  # interpreter shutdown, closed loop
+                pass
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a Future cannot be pickled; pass it as an argument to submit() and the "
+            "task receives its value"
+        )
+
+    def __repr__(self) -> str:
+        extra = f", type: {self._state.typename}" if self._state.typename else ""
+        return f"<Future: {self.status}{extra}, key: {self.key}>"
+
+    def _repr_html_(self) -> str:
+        return f"<b>Future: {self.key}</b> status: {self.status}"
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Future) and other.key == self.key

@@ -1,0 +1,15 @@
+"""Transport: framed batched connections, servers and the opening handshake."""
+
+from .connection import Connection, format_address, open_connection, parse_address, start_server
+from .handshake import accept, connect, connect_with_retry
+
+__all__ = [
+    "Connection",
+    "accept",
+    "connect",
+    "connect_with_retry",
+    "format_address",
+    "open_connection",
+    "parse_address",
+    "start_server",
+]

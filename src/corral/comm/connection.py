@@ -1,0 +1,273 @@
+"""A framed, batched message stream over one TCP connection.
+
+:class:`Connection` is an :class:`asyncio.BufferedProtocol`: received bytes
+land directly in the :class:`~corral.protocol.framing.FrameDecoder`'s buffers,
+and whole messages are decoded and either handed to a handler callback (the
+hot path: no coroutine per message) or queued for :meth:`Connection.recv`.
+
+Sending is batched by the event loop: :meth:`Connection.send` appends to an
+outbox and schedules one flush for the end of the current loop iteration, so
+a lone message leaves at once while a burst leaves as one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import typing
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import CommClosedError, ProtocolError
+from ..protocol.codec import Encoder, decode
+from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frames
+from ..protocol.messages import Message, decode_message
+
+logger = logging.getLogger("corral.comm")
+
+Handler = Callable[[list[Message]], None]
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One peer connection: send typed messages, receive typed messages."""
+
+    def __init__(
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        on_connected: Callable[[Connection], None] | None = None,
+    ) -> None:
+        self._on_connected = on_connected
+        self._decoder = FrameDecoder(max_frame_bytes=max_frame_bytes)
+        self._encoder = Encoder()
+        self._outbox: list[Message] = []
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._handler: Handler | None = None
+        self._inbox: deque[Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = self._loop.create_future()
+        self._close_callbacks: list[Callable[[Connection], None]] = []
+        self.peer: str = "?"
+        self.close_reason: str | None = None
+        self.info: dict[str, Any] = {}  # owner's bookkeeping: role, id, ...
+
+    # -- asyncio.BufferedProtocol --------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
+        self._transport = typing.cast(asyncio.Transport, transport)  # uvloop's too
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:  # noqa: D102
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:  # noqa: D102
+        try:
+            wire_messages = self._decoder.buffer_updated(nbytes)
+            for frames in wire_messages:
+                batch = [decode_message(m) for m in decode(frames)]
+                self._deliver(batch)
+        except ProtocolError as exc:
+            self.abort(f"protocol error from {self.peer}: {exc}")
+        except Exception as exc:  # a handler bug must not kill the event loop
+            logger.exception("error handling messages from %s", self.peer)
+            self.abort(f"internal error handling messages: {exc!r}")
+
+    def eof_received(self) -> bool:  # noqa: D102
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        if self.close_reason is None:
+            self.close_reason = f"connection lost: {exc}" if exc else "closed by peer"
+        if not self._closed.done():
+            self._closed.set_result(None)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for cb in callbacks:
+            try:
+                cb(self)
+            except Exception:
+                logger.exception("close callback failed")
+
+    def pause_writing(self) -> None:  # noqa: D102
+        self._write_paused = True
+
+    def resume_writing(self) -> None:  # noqa: D102
+        self._write_paused = False
+        if self._outbox and not self._flush_scheduled:
+            self._flush()
+
+    # -- receiving -----------------------------------------------------------------
+    def _deliver(self, batch: list[Message]) -> None:
+        if self._handler is not None and not self._inbox:
+            self._handler(batch)
+            return
+        self._inbox.extend(batch)
+        if self._handler is not None:
+            self._drain_inbox()
+        elif self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _drain_inbox(self) -> None:
+        assert self._handler is not None
+        batch = list(self._inbox)
+        self._inbox.clear()
+        if batch:
+            self._handler(batch)
+
+    def set_handler(self, handler: Handler) -> None:
+        """Deliver every received batch to ``handler`` from now on (queued ones first)."""
+        self._handler = handler
+        if self._inbox:
+            self._loop.call_soon(self._drain_inbox)
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        """Return the next message; raise :class:`CommClosedError` if the stream ends."""
+        while not self._inbox:
+            if self.closed:
+                raise CommClosedError(self.close_reason or "connection closed")
+            self._waiter = self._loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no message from {self.peer} within {timeout}s") from None
+            finally:
+                self._waiter = None
+        return self._inbox.popleft()
+
+    # -- sending -------------------------------------------------------------------
+    def send(self, msg: Message) -> None:
+        """Queue ``msg``; it leaves at the end of this event-loop iteration."""
+        if self.closed:
+            raise CommClosedError(self.close_reason or "connection closed")
+        self._outbox.append(msg)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def send_many(self, msgs: list[Message]) -> None:
+        """Queue several messages at once."""
+        if not msgs:
+            return
+        if self.closed:
+            raise CommClosedError(self.close_reason or "connection closed")
+        self._outbox.extend(msgs)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._write_paused or not self._outbox or self._transport is None:
+            return
+        if self._transport.is_closing():
+            self._outbox.clear()
+            return
+        batch, self._outbox = self._outbox, []
+        try:
+            frames = self._encoder.encode(batch)
+        except Exception as exc:
+            logger.exception("cannot encode messages for %s", self.peer)
+            self.abort(f"cannot encode outgoing message: {exc!r}")
+            return
+        for buf in encode_frames(frames):
+            self._transport.write(buf)
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed or closing."""
+        return self._closed.done() or self._transport is None or self._transport.is_closing()
+
+    def on_close(self, callback: Callable[[Connection], None]) -> None:
+        """Call ``callback(self)`` once the connection is gone."""
+        if self._closed.done():
+            self._loop.call_soon(callback, self)
+        else:
+            self._close_callbacks.append(callback)
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has closed."""
+        await asyncio.shield(self._closed)
+
+    def close(self, reason: str = "closed") -> None:
+        """Flush what is queued, then close."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self._transport is not None and not self._transport.is_closing():
+            self._flush()
+            self._transport.close()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once (bad input): log the reason."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            logger.warning("closing connection to %s: %s", self.peer, reason)
+        self._outbox.clear()
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def parse_address(address: str) -> tuple[str, str, int]:
+    """Split ``tcp://host:port`` into ``("tcp", host, port)``."""
+    scheme, sep, rest = address.rpartition("://")
+    if not sep:
+        scheme, rest = "tcp", address
+    if scheme not in ("tcp", "tls"):
+        raise ValueError(f"unsupported address scheme {scheme!r} in {address!r}")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit():
+        raise ValueError(f"address {address!r} has no port")
+    return scheme, host.strip("[]") or "127.0.0.1", int(port)
+
+
+def format_address(host: str, port: int, scheme: str = "tcp") -> str:
+    """Build ``tcp://host:port`` (IPv6 hosts in brackets)."""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+async def open_connection(address: str, timeout: float = 10.0, **kwargs: Any) -> Connection:
+    """Open a TCP connection to ``address``; raise ``OSError`` or ``TimeoutError``."""
+    _, host, port = parse_address(address)
+    loop = asyncio.get_running_loop()
+    try:
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: Connection(**kwargs), host, port), timeout
+        )
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"timed out connecting to {address} after {timeout}s") from None
+    return conn
+
+
+async def start_server(
+    host: str,
+    port: int,
+    on_connection: Callable[[Connection], Any],
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> asyncio.Server:
+    """Listen on ``host:port``; run ``on_connection(conn)`` (a coroutine) per connection."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def connected(conn: Connection) -> None:
+        task = loop.create_task(on_connection(conn))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return await loop.create_server(
+        lambda: Connection(max_frame_bytes=max_frame_bytes, on_connected=connected),
+        host,
+        port,
+        reuse_address=True,
+    )

@@ -1,0 +1,83 @@
+"""``corral demo``: a real workload on the embedded local cluster, narrated."""
+
+from __future__ import annotations
+
+import operator
+import time
+
+from .client import Client
+
+
+def square(x: int) -> int:
+    """x squared."""
+    return x * x
+
+
+def fails(x: int) -> int:
+    """Raise for odd inputs, to show remote errors."""
+    if x % 2:
+        raise ValueError(f"odd input {x}")
+    return x
+
+
+def run_demo(n_workers: int = 2, tasks: int = 2000) -> None:
+    """Start a local cluster, run several workloads on it, print what happened."""
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    t0 = time.perf_counter()
+    with Client(n_workers=n_workers, threads_per_worker=1) as client:
+        info = client.scheduler_info()
+        say(f"Started a local cluster at {client.scheduler_address} in {time.perf_counter() - t0:.2f}s")
+        for addr, w in info["workers"].items():
+            say(f"  worker {w['name']:>3} at {addr}: {w['nthreads']} thread(s)")
+
+        t = time.perf_counter()
+        futures = client.map(square, range(tasks))
+        total = sum(client.gather(futures))
+        elapsed = time.perf_counter() - t
+        assert total == sum(i * i for i in range(tasks))
+        say(f"map: {tasks} tasks -> sum of squares {total} in {elapsed:.2f}s ({tasks / elapsed:,.0f} tasks/s)")
+        del futures
+
+        t = time.perf_counter()
+        leaves = 1024
+        dsk: dict[object, object] = {("leaf", i): (square, i) for i in range(leaves)}
+        level, width = 0, leaves
+        names = [("leaf", i) for i in range(leaves)]
+        while width > 1:
+            level += 1
+            nxt = []
+            for i in range(0, width, 2):
+                key = ("add", level, i // 2)
+                dsk[key] = (operator.add, names[i], names[i + 1])
+                nxt.append(key)
+            names, width = nxt, len(nxt)
+        result = client.get(dsk, names[0])
+        assert result == sum(i * i for i in range(leaves))
+        say(
+            f"tree reduction: {len(dsk)} tasks as a dask-style graph -> {result} "
+            f"in {time.perf_counter() - t:.2f}s"
+        )
+
+        a = client.submit(square, 12)
+        b = client.submit(square, a)  # futures as arguments become dependencies
+        say(f"dependencies: square(square(12)) = {b.result()} (data moved worker to worker)")
+
+        bad = client.submit(fails, 3)
+        try:
+            bad.result()
+        except ValueError as exc:
+            say(f"errors: the task raised on the worker and here we caught ValueError({exc})")
+
+        try:
+            import dask.array as da
+
+            x = da.arange(1_000_000, chunks=100_000)
+            t = time.perf_counter()
+            mean = (x * 2).mean().compute(scheduler=client.get)
+            say(f"dask.array: (x * 2).mean() over 10 chunks = {mean} in {time.perf_counter() - t:.2f}s")
+        except ImportError:
+            say("dask.array: dask is not installed, skipped")
+    say(f"Closed the cluster. Total {time.perf_counter() - t0:.2f}s")

@@ -1,0 +1,347 @@
+"""LocalCluster: a scheduler and workers on this machine (the embedded default)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import psutil
+
+from .._loop import LoopThread
+from ..comm.handshake import connect_with_retry
+from ..protocol.messages import Reply, Request
+from ..scheduler.server import Scheduler
+from ..worker.server import Worker
+
+
+def default_sizing(cores: int | None = None) -> tuple[int, int]:
+    """``(n_workers, threads_per_worker)`` for a machine with ``cores`` cores."""
+    cores = cores or os.cpu_count() or 1
+    if cores <= 4:
+        return cores, 1
+    n = max(2, int(math.sqrt(cores)))
+    while cores % n:
+        n -= 1
+    return n, cores // n
+
+
+def format_resources(resources: dict[str, Any]) -> str:
+    """``{"GPU": 2, "MEM": 1e9}`` -> ``"GPU=2,MEM=1000000000.0"`` (the CLI's syntax)."""
+    return ",".join(f"{k}={v}" for k, v in resources.items())
+
+
+class LocalCluster:
+    """A scheduler and ``n_workers`` workers on this machine.
+
+    With ``processes=True`` (the default) each runs in its own subprocess;
+    with ``processes=False`` they run in this process, on a background loop.
+
+    Example::
+
+        with LocalCluster(n_workers=2, threads_per_worker=1) as cluster:
+            with Client(cluster) as client:
+                client.submit(sum, [1, 2]).result()
+    """
+
+    def __init__(
+        self,
+        n_workers: int | None = None,
+        threads_per_worker: int | None = None,
+        processes: bool = True,
+        *,
+        host: str = "127.0.0.1",
+        scheduler_port: int = 0,
+        memory_limit: int | str | None = "auto",
+        resources: dict[str, float] | list[dict[str, float]] | None = None,
+        asynchronous: bool = False,
+        token: str | None = None,
+        startup_timeout: float = 60.0,
+        log_level: str = "WARNING",
+        **unused: Any,
+    ) -> None:
+        default_n, default_t = default_sizing()
+        if n_workers is None:
+            n_workers = default_n if threads_per_worker is None else max(
+                1, (os.cpu_count() or 1) // threads_per_worker
+            )
+        self.n_workers = n_workers
+        self.threads_per_worker = threads_per_worker or (default_t if n_workers == default_n else 1)
+        self.processes = processes
+        self.host = host
+        self.scheduler_port = scheduler_port
+        self.resources = resources
+        if isinstance(resources, list) and len(resources) != n_workers:
+            raise ValueError(
+                f"resources lists {len(resources)} entries for {n_workers} workers; "
+                "give one dict per worker or one dict for all"
+            )
+        self.memory_limit = _memory_limit(memory_limit, max(1, n_workers))
+        self.asynchronous = asynchronous
+        self.token = token
+        self.startup_timeout = startup_timeout
+        self.log_level = log_level
+        self.scheduler_address = ""
+        self.status = "created"
+        self._tmpdir = tempfile.mkdtemp(prefix="corral-")
+        self._scheduler_proc: subprocess.Popen[bytes] | None = None
+        self._worker_procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._scheduler: Scheduler | None = None
+        self._workers: dict[str, Worker] = {}
+        self._names = iter(range(10**9))
+        self._loop_thread: LoopThread | None = None
+        if not asynchronous:
+            self._loop_thread = LoopThread(name="corral-cluster")
+            try:
+                self._loop_thread.run(self._start())
+            except BaseException:
+                self._loop_thread.run(self._close())
+                self._loop_thread.stop()
+                raise
+
+    # -- lifecycle -----------------------------------------------------------------
+    def __await__(self) -> Any:
+        return self._start().__await__()
+
+    async def __aenter__(self) -> LocalCluster:
+        return await self._start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._close()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def _start(self) -> LocalCluster:
+        if self.status == "running":
+            return self
+        if self.processes:
+            await self._start_scheduler_process()
+        else:
+            self._scheduler = await Scheduler(
+                host=self.host, port=self.scheduler_port, token=self.token
+            ).start()
+            self.scheduler_address = self._scheduler.address
+        self.status = "running"
+        await self._scale(self.n_workers)
+        return self
+
+    async def _start_scheduler_process(self) -> None:
+        sched_file = os.path.join(self._tmpdir, "scheduler.json")
+        cmd = [
+            sys.executable, "-m", "corral", "scheduler",
+            "--host", self.host, "--port", str(self.scheduler_port),
+            "--scheduler-file", sched_file, "--log-level", self.log_level,
+        ]  # fmt: skip
+        self._scheduler_proc = subprocess.Popen(cmd, env=self._env())
+        deadline = time.monotonic() + self.startup_timeout
+        while not os.path.exists(sched_file):
+            if self._scheduler_proc.poll() is not None:
+                raise RuntimeError(
+                    f"the scheduler process exited with code {self._scheduler_proc.returncode}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError("the scheduler did not start in time")
+            await asyncio.sleep(0.02)
+        import json
+
+        with open(sched_file) as f:
+            self.scheduler_address = json.load(f)["address"]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.token:
+            env["CORRAL_AUTH_TOKEN"] = self.token
+        # Workers import what this process can import (scripts run from a folder).
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        cwd = os.getcwd()
+        if cwd not in paths:
+            paths.insert(0, cwd)
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
+
+    def _worker_resources(self, index: int) -> dict[str, float] | None:
+        if isinstance(self.resources, list):
+            return self.resources[index] if index < len(self.resources) else None
+        return self.resources
+
+    async def _start_worker(self, index: int) -> None:
+        name = str(next(self._names))
+        resources = self._worker_resources(index)
+        if self.processes:
+            cmd = [
+                sys.executable, "-m", "corral", "worker", self.scheduler_address,
+                "--nthreads", str(self.threads_per_worker), "--name", name,
+                "--memory-limit", str(self.memory_limit), "--no-nanny",
+                "--log-level", self.log_level,
+            ]  # fmt: skip
+            if resources:
+                cmd += ["--resources", format_resources(resources)]
+            self._worker_procs[name] = subprocess.Popen(cmd, env=self._env())
+        else:
+            worker = Worker(
+                self.scheduler_address,
+                nthreads=self.threads_per_worker,
+                name=name,
+                memory_limit=self.memory_limit,
+                resources=resources,
+                token=self.token,
+            )
+            self._workers[name] = await worker.start()
+
+    async def _scale(self, n: int) -> None:
+        current = len(self._worker_procs) + len(self._workers)
+        if n > current:
+            await asyncio.gather(*(self._start_worker(i) for i in range(current, n)))
+        elif n < current:
+            names = sorted({*self._worker_procs, *self._workers}, key=int)[n:]
+            await asyncio.gather(*(self._stop_worker(name) for name in names))
+        self.n_workers = n
+        await self._wait_for_workers(n)
+
+    async def _stop_worker(self, name: str) -> None:
+        proc = self._worker_procs.pop(name, None)
+        if proc is not None:
+            await _terminate(proc)
+        worker = self._workers.pop(name, None)
+        if worker is not None:
+            await worker.close()
+
+    async def _wait_for_workers(self, n: int) -> None:
+        conn, _ = await connect_with_retry(
+            self.scheduler_address,
+            deadline=asyncio.get_running_loop().time() + self.startup_timeout,
+            role="client",
+            my_id=f"cluster-{os.getpid()}-{id(self)}",
+            token=self.token,
+        )
+        try:
+            deadline = time.monotonic() + self.startup_timeout
+            while True:
+                conn.send(Request(id=1, method="scheduler_info"))
+                reply = await conn.recv(timeout=self.startup_timeout)
+                assert isinstance(reply, Reply)
+                have = len(reply.result["workers"])
+                if have == n:
+                    return
+                dead = [name for name, p in self._worker_procs.items() if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"worker processes {dead} exited during startup")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{have} of {n} workers connected after {self.startup_timeout}s")
+                await asyncio.sleep(0.02)
+        finally:
+            conn.close()
+
+    def scale(self, n: int) -> Any:
+        """Add or remove workers until there are ``n``."""
+        if self.asynchronous:
+            return self._scale(n)
+        assert self._loop_thread is not None
+        return self._loop_thread.run(self._scale(n))
+
+    def close(self, timeout: float | None = None) -> Any:
+        """Stop the workers and the scheduler."""
+        if self.asynchronous:
+            return self._close()
+        if self._loop_thread is None:
+            return None
+        try:
+            self._loop_thread.run(self._close(), timeout)
+        finally:
+            self._loop_thread.stop()
+            self._loop_thread = None
+        return None
+
+    async def _close(self) -> None:
+        if self.status == "closed":
+            return
+        self.status = "closed"
+        await asyncio.gather(*(self._stop_worker(n) for n in list(self._worker_procs)))
+        await asyncio.gather(*(w.close() for w in self._workers.values()))
+        self._workers.clear()
+        if self._scheduler_proc is not None:
+            await _terminate(self._scheduler_proc)
+        if self._scheduler is not None:
+            await self._scheduler.close()
+        with contextlib.suppress(OSError):
+            for f in os.listdir(self._tmpdir):
+                os.unlink(os.path.join(self._tmpdir, f))
+            os.rmdir(self._tmpdir)
+
+    # -- introspection ---------------------------------------------------------------
+    @property
+    def workers(self) -> dict[str, Any]:
+        """Worker name -> its process (``processes=True``) or :class:`Worker` object."""
+        return {**self._worker_procs, **self._workers}
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """The in-process scheduler (``processes=False`` only)."""
+        return self._scheduler
+
+    def __repr__(self) -> str:
+        kind = "processes" if self.processes else "threads"
+        return (
+            f"LocalCluster({self.scheduler_address!r}, workers={len(self.workers)}, "
+            f"threads={len(self.workers) * self.threads_per_worker}, {kind})"
+        )
+
+
+async def _terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            break
+        await asyncio.sleep(0.02)
+    with contextlib.suppress(Exception):
+        proc.wait(1)
+
+
+def _memory_limit(limit: int | str | None, n_workers: int) -> int:
+    if limit is None or limit == 0:
+        return 0
+    if limit == "auto":
+        return int(psutil.virtual_memory().total / n_workers)
+    if isinstance(limit, str):
+        return parse_bytes(limit)
+    return int(limit)
+
+
+_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "": 1,
+}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GB"`` -> ``4000000000``; ``"512MiB"`` -> ``536870912``; plain numbers are bytes."""
+    s = text.strip().lower().replace(" ", "")
+    i = len(s)
+    while i and s[i - 1].isalpha():
+        i -= 1
+    number, unit = s[:i], s[i:]
+    if unit not in _UNITS:
+        raise ValueError(f"unknown size unit {unit!r} in {text!r}")
+    try:
+        value = float(number) if number else 1.0
+    except ValueError:
+        raise ValueError(f"cannot read a size from {text!r}") from None
+    if value < 0 or math.isnan(value):
+        raise ValueError(f"size must be a positive number, got {text!r}")
+    return int(value * _UNITS[unit])

@@ -1,0 +1,181 @@
+"""Length-prefixed frames: the byte layout of every Corral message on a stream.
+
+A message is::
+
+    u64 n_frames | u64 length[0] ... u64 length[n-1] | frame[0] ... frame[n-1]
+
+all integers little-endian.  Frame 0 is the msgpack header; the other frames
+are out-of-band buffers the header refers to.  :class:`FrameDecoder` is a pure,
+incremental parser (no IO): feed it bytes through the ``get_buffer`` /
+``buffer_updated`` pair that :class:`asyncio.BufferedProtocol` uses, and it
+hands back whole messages.  Large frames are received straight into their own
+buffer, so a 200 MB array is copied once, by the kernel.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from ..errors import ProtocolError
+
+_U64 = struct.Struct("<Q")
+
+#: Frames at most this long are copied out of the shared receive buffer;
+#: longer ones get a buffer of their own that the socket reads into directly.
+SMALL_FRAME = 64 * 1024
+
+DEFAULT_MAX_FRAME_BYTES = 4 * 1024**3
+DEFAULT_MAX_FRAMES = 65_536
+
+Frame = bytes | bytearray | memoryview
+
+
+def frame_prefix(lengths: Sequence[int]) -> bytes:
+    """Return the length prefix announcing frames of the given lengths."""
+    return struct.pack(f"<{len(lengths) + 1}Q", len(lengths), *lengths)
+
+
+def encode_frames(frames: Sequence[Frame]) -> list[Frame]:
+    """Return the buffers to write, in order, for one message made of ``frames``.
+
+    Small messages are joined into one buffer (one syscall); large frames are
+    passed through untouched so they are never copied in user space.
+    """
+    lengths = [memoryview(f).nbytes for f in frames]
+    prefix = frame_prefix(lengths)
+    if sum(lengths) <= SMALL_FRAME:
+        return [prefix + b"".join(frames)]
+    return [prefix, *frames]
+
+
+class FrameDecoder:
+    """Incremental parser turning a byte stream into messages (lists of frames).
+
+    Invalid input (too many frames, a frame over the size limit) raises
+    :class:`ProtocolError`; the caller then closes that one connection.
+    """
+
+    def __init__(
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_frames: int = DEFAULT_MAX_FRAMES,
+        initial_buffer: int = 256 * 1024,
+    ) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.max_frames = max_frames
+        self._buf = bytearray(initial_buffer)
+        self._view = memoryview(self._buf)
+        self._lo = 0  # first unparsed byte in _buf
+        self._hi = 0  # end of received bytes in _buf
+        self._n_frames: int | None = None
+        self._lengths: tuple[int, ...] | None = None
+        self._frames: list[Frame] = []
+        self._big: bytearray | None = None
+        self._big_filled = 0
+
+    # -- the BufferedProtocol side -------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        """Return writable memory where the next received bytes should land."""
+        if self._big is not None:
+            return memoryview(self._big)[self._big_filled :]
+        if self._hi == len(self._buf):
+            self._make_room(SMALL_FRAME)
+        return self._view[self._hi :]
+
+    def buffer_updated(self, nbytes: int) -> list[list[Frame]]:
+        """Account for ``nbytes`` written into the last buffer; return whole messages."""
+        if self._big is not None:
+            self._big_filled += nbytes
+            if self._big_filled < len(self._big):
+                return []
+            self._frames.append(self._big)
+            self._big = None
+        else:
+            self._hi += nbytes
+        return self._parse()
+
+    def feed(self, data: bytes) -> list[list[Frame]]:
+        """Parse ``data`` (convenience for tests and non-buffered transports)."""
+        out: list[list[Frame]] = []
+        view = memoryview(data)
+        while view.nbytes:
+            target = self.get_buffer()
+            n = min(target.nbytes, view.nbytes)
+            target[:n] = view[:n]
+            view = view[n:]
+            out.extend(self.buffer_updated(n))
+        return out
+
+    # -- parsing -------------------------------------------------------------------
+    def _make_room(self, need: int) -> None:
+        """Ensure ``need`` bytes of space after the unparsed data, compacting or growing."""
+        pending = self._hi - self._lo
+        if self._lo and pending + need <= len(self._buf):
+            self._buf[:pending] = self._view[self._lo : self._hi]
+        else:
+            size = max(len(self._buf), pending + need)
+            new = bytearray(size * 2 if size > len(self._buf) else size)
+            new[:pending] = self._view[self._lo : self._hi]
+            self._view.release()
+            self._buf = new
+            self._view = memoryview(new)
+        self._lo, self._hi = 0, pending
+
+    def _parse(self) -> list[list[Frame]]:
+        out: list[list[Frame]] = []
+        while True:
+            avail = self._hi - self._lo
+            if self._n_frames is None:
+                if avail < 8:
+                    break
+                (n,) = _U64.unpack_from(self._buf, self._lo)
+                if not 1 <= n <= self.max_frames:
+                    raise ProtocolError(f"message announces {n} frames (limit {self.max_frames})")
+                self._n_frames = n
+                self._lo += 8
+                continue
+            if self._lengths is None:
+                need = 8 * self._n_frames
+                if avail < need:
+                    if self._lo + need > len(self._buf):
+                        self._make_room(need)
+                    break
+                lengths = struct.unpack_from(f"<{self._n_frames}Q", self._buf, self._lo)
+                for length in lengths:
+                    if length > self.max_frame_bytes:
+                        raise ProtocolError(
+                            f"frame of {length} bytes exceeds the limit of "
+                            f"{self.max_frame_bytes} bytes"
+                        )
+                self._lengths = lengths
+                self._lo += need
+                continue
+            if len(self._frames) == len(self._lengths):
+                out.append(self._frames)
+                self._frames = []
+                self._n_frames = None
+                self._lengths = None
+                continue
+            length = self._lengths[len(self._frames)]
+            if length <= SMALL_FRAME:
+                if avail < length:
+                    if self._lo + length > len(self._buf):
+                        self._make_room(length)
+                    break
+                self._frames.append(bytes(self._view[self._lo : self._lo + length]))
+                self._lo += length
+                continue
+            big = bytearray(length)
+            take = min(avail, length)
+            big[:take] = self._view[self._lo : self._lo + take]
+            self._lo += take
+            if take == length:
+                self._frames.append(big)
+                continue
+            self._big = big
+            self._big_filled = take
+            break
+        if self._lo == self._hi:
+            self._lo = self._hi = 0
+        return out

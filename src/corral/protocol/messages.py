@@ -1,0 +1,496 @@
+"""Every op of the wire protocol, declared once as a typed dataclass.
+
+A message on the wire is a msgpack map ``{"op": NAME, field: value, ...}``.
+Fields whose value is ``None`` may be omitted.  :func:`decode_message`
+validates a received map strictly (unknown op, missing or mistyped field all
+raise :class:`ProtocolError`) and returns the typed message; the
+:class:`~corral.protocol.codec.Encoder` turns typed messages back into maps.
+``docs/protocol.md`` documents each op; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar, Union
+
+from ..errors import ProtocolError
+from .serialize import Payload
+
+PROTOCOL_VERSION = 1
+
+Converter = Callable[[Any], Any]
+
+#: op name -> message class
+OPS: dict[str, type[Message]] = {}
+
+
+class Record:
+    """Base of typed maps: a message or a record nested inside one."""
+
+    __slots__ = ()
+    _converters: ClassVar[dict[str, tuple[Converter, bool]]]
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the map sent on the wire (``None`` fields left out)."""
+        out: dict[str, Any] = {}
+        op = getattr(type(self), "op", None)
+        if op is not None:
+            out["op"] = op
+        for name in self._converters:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Any:
+        """Validate a received map and build the record."""
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"{cls.__name__} must be a map, not {type(obj).__name__}")
+        kwargs = {}
+        for name, (convert, required) in cls._converters.items():
+            if name in obj:
+                value = obj[name]
+                kwargs[name] = None if value is None and not required else convert(value)
+            elif required:
+                raise ProtocolError(f"{cls.__name__} is missing the field {name!r}")
+        try:
+            return cls(**kwargs)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"invalid {cls.__name__}: {exc}") from None
+
+
+class Message(Record):
+    """Base of the protocol's ops."""
+
+    __slots__ = ()
+    op: ClassVar[str]
+
+
+def _expect(kind: type | tuple[type, ...], label: str) -> Converter:
+    def check(value: Any) -> Any:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProtocolError(f"expected {label}, got {type(value).__name__}")
+        return value
+
+    return check
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"expected a number, got {type(value).__name__}")
+    return value
+
+
+def _any(value: Any) -> Any:
+    return value
+
+
+def _payload(value: Any) -> Payload:
+    try:
+        return Payload.from_wire(value)
+    except Exception as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+def _converter(tp: Any) -> Converter:
+    """Compile a type annotation into a validating converter."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return _any
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _converter(args[0]) if len(args) == 1 else _any
+        return lambda v: None if v is None else inner(v)
+    if tp is str:
+        return _expect(str, "a string")
+    if tp is bool:
+        return _expect(bool, "a boolean")
+    if tp is int:
+        return _expect(int, "an integer")
+    if tp is float:
+        return _number
+    if tp is bytes:
+        return _expect((bytes, bytearray, memoryview), "binary data")
+    if tp is Payload:
+        return _payload
+    if isinstance(tp, type) and issubclass(tp, Record):
+        return tp.from_wire
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        item_conv = _converter(item)
+        check = _expect(list, "an array")
+        if item_conv is _any:
+            return check
+        return lambda v: [item_conv(x) for x in check(v)]
+    if origin is dict:
+        _, value_tp = typing.get_args(tp) or (Any, Any)
+        value_conv = _converter(value_tp)
+        check = _expect(dict, "a map")
+        if value_conv is _any:
+            return check
+        return lambda v: {k: value_conv(x) for k, x in check(v).items()}
+    if tp is list:
+        return _expect(list, "an array")
+    if tp is dict:
+        return _expect(dict, "a map")
+    raise TypeError(f"unsupported field type {tp!r}")
+
+
+R = TypeVar("R", bound=type[Record])
+
+
+def record(cls: R) -> R:
+    """Class decorator: make ``cls`` a slotted dataclass with validating converters."""
+    dc: Any = dataclasses.dataclass(slots=True)(cls)
+    hints = typing.get_type_hints(dc)
+    converters: dict[str, tuple[Converter, bool]] = {}
+    for f in dataclasses.fields(dc):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        converters[f.name] = (_converter(hints[f.name]), required)
+    dc._converters = converters
+    op = getattr(dc, "op", None)
+    if op is not None:
+        if op in OPS:
+            raise TypeError(f"op {op!r} declared twice")
+        OPS[op] = dc
+    return typing.cast(R, dc)
+
+
+def decode_message(obj: dict[str, Any]) -> Message:
+    """Validate one op map and return its typed message."""
+    op = obj.get("op")
+    cls = OPS.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown op {op!r}")
+    return typing.cast(Message, cls.from_wire(obj))
+
+
+# ---------------------------------------------------------------------------
+# Records nested inside messages
+# ---------------------------------------------------------------------------
+@record
+class ErrorInfo(Record):
+    """A task's failure: readable by any language, rebuildable by Python."""
+
+    typename: str
+    message: str
+    traceback_text: str = ""
+    exception: Payload | None = None  # pickled exception (Python peers)
+    traceback: Payload | None = None  # pickled traceback (tblib), may be absent
+
+
+@record
+class TaskSpec(Record):
+    """A task as a client submits it."""
+
+    key: str
+    args: Payload  # (args, kwargs) for python; for other runtimes see protocol.md
+    fn: str | None = None  # id into UpdateGraph.functions
+    deps: list[str] = dataclasses.field(default_factory=list)
+    priority: list[Any] = dataclasses.field(default_factory=list)
+    resources: dict[str, float] | None = None
+    workers: list[str] | None = None
+    allow_other_workers: bool = False
+    retries: int = 0
+    runtime: str | None = None
+    environment: list[str] | None = None
+    annotations: dict[str, Any] | None = None
+
+
+@record
+class ComputeTask(Record):
+    """A task as the scheduler hands it to a worker."""
+
+    key: str
+    args: Payload
+    run_id: int
+    fn: str | None = None
+    who_has: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    nbytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    priority: list[Any] = dataclasses.field(default_factory=list)
+    resources: dict[str, float] | None = None
+    send_result: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Handshake: the first messages of every connection
+# ---------------------------------------------------------------------------
+@record
+class Hello(Message):
+    """Server -> connector, first message: who I am and the auth challenge."""
+
+    op: ClassVar[str] = "hello"
+    protocol: int
+    role: str
+    challenge: bytes | None = None
+
+
+@record
+class Handshake(Message):
+    """Connector -> server: role, identity and the answer to the challenge."""
+
+    op: ClassVar[str] = "handshake"
+    protocol: int
+    role: str  # "client" | "worker" | "peer"
+    id: str
+    name: str | None = None
+    response: bytes | None = None
+    versions: dict[str, Any] | None = None
+
+
+@record
+class Welcome(Message):
+    """Server -> connector: the handshake succeeded."""
+
+    op: ClassVar[str] = "welcome"
+    id: str
+    info: dict[str, Any] | None = None
+
+
+@record
+class Refused(Message):
+    """Server -> connector: the handshake failed; the server closes the connection."""
+
+    op: ClassVar[str] = "refused"
+    reason: str
+
+
+# ---------------------------------------------------------------------------
+# Worker -> scheduler
+# ---------------------------------------------------------------------------
+@record
+class RegisterWorker(Message):
+    """A worker joins: where peers reach it and what it offers."""
+
+    op: ClassVar[str] = "register_worker"
+    address: str
+    nthreads: int
+    name: str | None = None
+    memory_limit: int = 0
+    resources: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pid: int = 0
+    runtime: str = "python"
+    versions: dict[str, Any] | None = None
+
+
+@record
+class TaskFinished(Message):
+    """A task ran and its result is in the worker's memory."""
+
+    op: ClassVar[str] = "task_finished"
+    key: str
+    run_id: int
+    nbytes: int
+    typename: str | None = None
+    start: float = 0.0
+    stop: float = 0.0
+    result: Payload | None = None
+
+
+@record
+class TaskErred(Message):
+    """A task raised; ``error`` describes the exception."""
+
+    op: ClassVar[str] = "task_erred"
+    key: str
+    run_id: int
+    error: ErrorInfo
+    start: float = 0.0
+    stop: float = 0.0
+
+
+@record
+class AddKeys(Message):
+    """The worker now holds copies of these keys (fetched from peers)."""
+
+    op: ClassVar[str] = "add_keys"
+    nbytes: dict[str, int]
+
+
+@record
+class MissingData(Message):
+    """The worker could not get ``key`` from ``holder``; ask for fresh locations."""
+
+    op: ClassVar[str] = "missing_data"
+    key: str
+    holder: str
+
+
+@record
+class Unregister(Message):
+    """A worker is leaving on purpose: its running tasks are not suspects."""
+
+    op: ClassVar[str] = "unregister"
+    reason: str = ""
+
+
+@record
+class Heartbeat(Message):
+    """Periodic liveness and metrics from a worker or client."""
+
+    op: ClassVar[str] = "heartbeat"
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# Scheduler -> worker
+# ---------------------------------------------------------------------------
+@record
+class Compute(Message):
+    """Run these tasks; ``functions`` holds each function the batch needs, once."""
+
+    op: ClassVar[str] = "compute"
+    tasks: list[ComputeTask]
+    functions: dict[str, Payload] = dataclasses.field(default_factory=dict)
+
+
+@record
+class FreeKeys(Message):
+    """Forget these keys: drop their data, cancel them if not started."""
+
+    op: ClassVar[str] = "free_keys"
+    keys: list[str]
+
+
+@record
+class Store(Message):
+    """Keep this data in memory (scattered by a client)."""
+
+    op: ClassVar[str] = "store"
+    data: dict[str, Payload]
+
+
+@record
+class UpdateWhoHas(Message):
+    """Fresh locations for keys a worker is trying to fetch (empty list: none)."""
+
+    op: ClassVar[str] = "update_who_has"
+    who_has: dict[str, list[str]]
+
+
+@record
+class CloseWorker(Message):
+    """Shut down cleanly."""
+
+    op: ClassVar[str] = "close_worker"
+    reason: str = ""
+
+
+# ---------------------------------------------------------------------------
+# Peer <-> worker (workers and clients fetching data)
+# ---------------------------------------------------------------------------
+@record
+class GetData(Message):
+    """Ask a worker for the values of ``keys``."""
+
+    op: ClassVar[str] = "get_data"
+    keys: list[str]
+
+
+@record
+class Data(Message):
+    """The answer to :class:`GetData`: values found, and keys not held."""
+
+    op: ClassVar[str] = "data"
+    data: dict[str, Payload]
+    missing: list[str] = dataclasses.field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# Client -> scheduler
+# ---------------------------------------------------------------------------
+@record
+class UpdateGraph(Message):
+    """Submit tasks; ``wanted`` are the keys this client holds futures for."""
+
+    op: ClassVar[str] = "update_graph"
+    tasks: list[TaskSpec]
+    wanted: list[str]
+    functions: dict[str, Payload] = dataclasses.field(default_factory=dict)
+
+
+@record
+class ReleaseKeys(Message):
+    """The client dropped its last future for these keys."""
+
+    op: ClassVar[str] = "release_keys"
+    keys: list[str]
+
+
+@record
+class CancelKeys(Message):
+    """Cancel these keys and everything that depends on them."""
+
+    op: ClassVar[str] = "cancel_keys"
+    keys: list[str]
+
+
+@record
+class Scatter(Message):
+    """Place client data on workers; answered by a :class:`Reply`."""
+
+    op: ClassVar[str] = "scatter"
+    id: int
+    data: dict[str, Payload]
+    nbytes: dict[str, int]
+    workers: list[str] | None = None
+    broadcast: bool = False
+
+
+@record
+class Request(Message):
+    """A read-only question to the scheduler (``method``), answered by a :class:`Reply`."""
+
+    op: ClassVar[str] = "request"
+    id: int
+    method: str
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@record
+class Reply(Message):
+    """Answer to a request with the same ``id``: ``result`` or ``error``."""
+
+    op: ClassVar[str] = "reply"
+    id: int
+    result: Any = None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------
+# Scheduler -> client
+# ---------------------------------------------------------------------------
+@record
+class KeyInMemory(Message):
+    """A wanted key finished; small results come inline."""
+
+    op: ClassVar[str] = "key_in_memory"
+    key: str
+    who_has: list[str] = dataclasses.field(default_factory=list)
+    typename: str | None = None
+    result: Payload | None = None
+
+
+@record
+class KeyErred(Message):
+    """A wanted key failed (or depends on one that failed)."""
+
+    op: ClassVar[str] = "key_erred"
+    key: str
+    error: ErrorInfo
+
+
+@record
+class KeyCancelled(Message):
+    """A wanted key was cancelled or lost beyond recovery."""
+
+    op: ClassVar[str] = "key_cancelled"
+    key: str
+    reason: str = "cancelled"
+    lost: bool = False

@@ -1,0 +1,113 @@
+"""Choosing a worker for a task: filters first, then one cost.
+
+Filters, in order: the worker runs the task's runtime; explicit ``workers=``
+restrictions (relaxed with ``allow_other_workers``); resources offered in at
+least the demanded amount.  Among what is left the cost is the estimated
+time until the task could start there: queued work per thread plus the time
+to move the input bytes the worker does not hold.  Every constraint composes
+because each is just another filter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .state import TaskState, WorkerInfo
+
+#: Assumed network bandwidth (bytes/s) when pricing data movement.
+BANDWIDTH = 100e6
+
+
+def offers(worker: WorkerInfo, demand: dict[str, float] | None) -> bool:
+    """True if ``worker`` offers every resource in ``demand`` in at least that amount."""
+    if not demand:
+        return True
+    have = worker.resources
+    return all(have.get(name, 0) >= amount for name, amount in demand.items())
+
+
+def _restricted(ts: TaskState, workers: dict[str, WorkerInfo]) -> list[WorkerInfo]:
+    assert ts.workers is not None
+    chosen = []
+    for ident in ts.workers:
+        ws = workers.get(ident)
+        if ws is None:  # a name or bare host instead of an address
+            ws = next((w for w in workers.values() if ident in (w.name, w.host)), None)
+        if ws is not None:
+            chosen.append(ws)
+    return chosen
+
+
+def candidates(ts: TaskState, workers: dict[str, WorkerInfo]) -> list[WorkerInfo]:
+    """Every worker allowed to run ``ts``, whatever its load."""
+    pool: Iterable[WorkerInfo] = workers.values()
+    if ts.workers:
+        restricted = _restricted(ts, workers)
+        if restricted or not ts.allow_other_workers:
+            pool = restricted
+    runtime = ts.runtime or "python"
+    return [ws for ws in pool if ws.runtime == runtime and offers(ws, ts.resources)]
+
+
+def start_cost(ts: TaskState, ws: WorkerInfo) -> float:
+    """Estimated seconds before ``ts`` could start on ``ws``."""
+    missing = 0
+    for dep in ts.deps:
+        if ws not in dep.who_has:
+            missing += dep.nbytes
+    return ws.occupancy / ws.nthreads + missing / BANDWIDTH
+
+
+def choose_worker(ts: TaskState, workers: dict[str, WorkerInfo]) -> WorkerInfo | None:
+    """The best worker for ``ts`` now, or ``None`` if no worker may run it."""
+    if not workers:
+        return None
+    if not ts.workers and not ts.resources and not ts.runtime and not ts.deps:
+        # The hot path of a plain ``map``: least loaded worker, no filtering.
+        return min(workers.values(), key=_load)
+    pool = candidates(ts, workers)
+    if not pool:
+        return None
+    if len(pool) == 1:
+        return pool[0]
+    if ts.deps and len(pool) > 8:
+        # Price only the workers holding inputs, plus the least loaded one.
+        holders = {ws for dep in ts.deps for ws in dep.who_has}
+        near = [ws for ws in pool if ws in holders]
+        near.append(min(pool, key=_load))
+        pool = near
+    return min(pool, key=lambda ws: (start_cost(ts, ws), len(ws.processing), ws.address))
+
+
+def _load(ws: WorkerInfo) -> tuple[float, int]:
+    return ws.occupancy / ws.nthreads, len(ws.processing)
+
+
+def why_no_worker(ts: TaskState, workers: dict[str, WorkerInfo]) -> str:
+    """A readable reason why no worker may run ``ts`` (empty if one may)."""
+    if not workers:
+        return "no workers are connected"
+    pool = list(workers.values())
+    if ts.workers:
+        restricted = _restricted(ts, workers)
+        if not restricted and not ts.allow_other_workers:
+            return f"restricted to workers {ts.workers}, none of which is connected"
+        if restricted:
+            pool = restricted
+    runtime = ts.runtime or "python"
+    if not any(ws.runtime == runtime for ws in pool):
+        return f"needs runtime {runtime!r}; no worker runs it"
+    pool = [ws for ws in pool if ws.runtime == runtime]
+    if ts.resources:
+        for name, amount in ts.resources.items():
+            best = max((ws.resources.get(name, 0) for ws in pool), default=0)
+            if best < amount:
+                if best == 0:
+                    return f"needs {name}={amount:g}; no worker offers {name}"
+                return f"needs {name}={amount:g}; the most any worker offers is {best:g}"
+        if not any(offers(ws, ts.resources) for ws in pool):
+            wanted = ", ".join(f"{k}={v:g}" for k, v in ts.resources.items())
+            return f"needs {wanted}; no single worker offers all of it"
+    return ""

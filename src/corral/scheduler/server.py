@@ -1,0 +1,286 @@
+"""The scheduler process's IO: accept connections and drive :class:`SchedulerState`.
+
+Every connection opens with the handshake (:mod:`corral.comm.handshake`);
+then each batch of messages from a peer is checked against what that peer's
+role may send, given to the pure state machine, and the messages it returns
+are queued on the recipients' streams.  A peer sending something it may not
+loses its connection; nobody else notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from ..comm import Connection, format_address, start_server
+from ..comm.handshake import accept
+from ..protocol.messages import (
+    AddKeys,
+    CancelKeys,
+    CloseWorker,
+    Heartbeat,
+    Message,
+    MissingData,
+    RegisterWorker,
+    ReleaseKeys,
+    Reply,
+    Request,
+    Scatter,
+    TaskErred,
+    TaskFinished,
+    Unregister,
+    UpdateGraph,
+)
+from ..versions import get_versions
+from .state import ClientJoined, ClientLeft, SchedulerState, WorkerLeft
+
+logger = logging.getLogger("corral.scheduler")
+
+DEFAULT_PORT = 8786
+
+WORKER_OPS = frozenset({TaskFinished, TaskErred, AddKeys, MissingData, Heartbeat, Unregister})
+CLIENT_OPS = frozenset({UpdateGraph, ReleaseKeys, CancelKeys, Scatter, Request, Heartbeat})
+
+
+class Scheduler:
+    """The Corral scheduler: one per cluster.
+
+    Example::
+
+        scheduler = Scheduler(port=8786)
+        await scheduler.start()
+        print(scheduler.address)   # tcp://127.0.0.1:8786
+        await scheduler.finished()
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        token: str | None = None,
+        scheduler_file: str | None = None,
+        allowed_failures: int = 3,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.token = token
+        self.scheduler_file = scheduler_file
+        self.id = f"scheduler-{uuid.uuid4().hex[:12]}"
+        self.state = SchedulerState(allowed_failures=allowed_failures)
+        self.address = ""
+        self.status = "created"
+        self.started = time.time()
+        self._server: asyncio.Server | None = None
+        self._streams: dict[str, Connection] = {}
+        self._closed = asyncio.Event()
+        self.requests: dict[str, Callable[..., Any]] = {
+            "scheduler_info": self.scheduler_info,
+            "who_has": lambda keys=None: self.state.who_has(keys),
+            "why_pending": lambda keys: {k: self.state.why_pending(k) for k in keys},
+            "story": lambda key: [list(t) for t in self.state.story(key)],
+            "task_counts": self.state.task_counts,
+            "versions": self.versions,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> Scheduler:
+        """Start listening; write the scheduler file if one was asked for."""
+        self._server = await start_server(self.host, self.port, self._on_connection)
+        sock = self._server.sockets[0].getsockname()
+        self.address = format_address(self.host, sock[1])
+        self.status = "running"
+        if self.scheduler_file:
+            tmp = f"{self.scheduler_file}.tmp"
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                json.dump({"address": self.address, "id": self.id, "pid": os.getpid()}, f)
+            os.replace(tmp, self.scheduler_file)
+        logger.info("scheduler at %s", self.address)
+        return self
+
+    async def close(self) -> None:
+        """Ask workers to close, drop every connection, stop listening."""
+        if self.status == "closed":
+            return
+        self.status = "closed"
+        for conn in list(self._streams.values()):
+            if conn.closed:
+                continue
+            if conn.info.get("role") == "worker":
+                conn.send(CloseWorker(reason="scheduler closing"))
+            conn.close("scheduler closing")
+        if self._server is not None:
+            self._server.close()
+        self._closed.set()
+
+    async def finished(self) -> None:
+        """Wait until the scheduler has closed."""
+        await self._closed.wait()
+
+    # -- connections ---------------------------------------------------------------
+    async def _on_connection(self, conn: Connection) -> None:
+        try:
+            hs = await accept(
+                conn,
+                role="scheduler",
+                server_id=self.id,
+                token=self.token,
+                allowed_roles=("client", "worker"),
+            )
+        except Exception:
+            return
+        if hs.role == "worker":
+            await self._serve_worker(conn)
+        else:
+            self._serve_client(conn, hs.id)
+
+    async def _serve_worker(self, conn: Connection) -> None:
+        try:
+            reg = await conn.recv(timeout=30)
+        except Exception as exc:
+            conn.abort(f"worker sent no registration: {exc}")
+            return
+        if not isinstance(reg, RegisterWorker):
+            conn.abort(f"expected register_worker, got {type(reg).op!r}")
+            return
+        address = reg.address
+        if address in self._streams:
+            conn.abort(f"a worker is already registered at {address}")
+            return
+        conn.info["address"] = address
+        self._streams[address] = conn
+        self._apply(address, [reg])
+        logger.info("worker %s joined (%s, %d threads)", address, reg.name, reg.nthreads)
+
+        def on_messages(batch: list[Message]) -> None:
+            for msg in batch:
+                kind = type(msg)
+                if kind not in WORKER_OPS:
+                    conn.abort(f"op {kind.op!r} is not allowed from a worker")
+                    return
+            events: list[Message] = []
+            for msg in batch:
+                if isinstance(msg, Heartbeat):
+                    ws = self.state.workers.get(address)
+                    if ws is not None:
+                        ws.metrics = msg.metrics
+                elif isinstance(msg, Unregister):
+                    conn.info["expected"] = True
+                else:
+                    events.append(msg)
+            if events:
+                self._apply(address, events)
+
+        conn.set_handler(on_messages)
+        conn.on_close(self._on_worker_closed)
+
+    def _on_worker_closed(self, conn: Connection) -> None:
+        address = conn.info["address"]
+        if self._streams.get(address) is conn:
+            del self._streams[address]
+        expected = bool(conn.info.get("expected"))
+        logger.info("worker %s left (%s)", address, conn.close_reason)
+        if self.status == "running":
+            self._apply(address, [WorkerLeft(address, expected=expected)])
+
+    def _serve_client(self, conn: Connection, client_id: str) -> None:
+        if client_id in self._streams:
+            conn.abort(f"client id {client_id} is already connected")
+            return
+        self._streams[client_id] = conn
+        self._apply(client_id, [ClientJoined(client_id)])
+
+        def on_messages(batch: list[Message]) -> None:
+            events: list[Message] = []
+            for msg in batch:
+                kind = type(msg)
+                if kind not in CLIENT_OPS:
+                    conn.abort(f"op {kind.op!r} is not allowed from a client")
+                    return
+                if kind is Request:
+                    assert isinstance(msg, Request)
+                    if events:
+                        self._apply(client_id, events)
+                        events = []
+                    conn.send(self._answer(msg))
+                elif kind is Scatter:
+                    assert isinstance(msg, Scatter)
+                    if events:
+                        self._apply(client_id, events)
+                        events = []
+                    self._scatter(client_id, conn, msg)
+                elif kind is not Heartbeat:
+                    events.append(msg)
+            if events:
+                self._apply(client_id, events)
+
+        def on_close(conn: Connection) -> None:
+            if self._streams.get(client_id) is conn:
+                del self._streams[client_id]
+            if self.status == "running":
+                self._apply(client_id, [ClientLeft(client_id)])
+
+        conn.set_handler(on_messages)
+        conn.on_close(on_close)
+
+    # -- driving the state machine -------------------------------------------------
+    def _apply(self, source: str, events: list[Any]) -> None:
+        try:
+            out = self.state.handle(source, events)
+        except Exception:
+            # A bug in the state machine must not take the scheduler down silently.
+            logger.exception("scheduler state failed handling %d events from %s", len(events), source)
+            raise
+        for recipient, msgs in out.items():
+            conn = self._streams.get(recipient)
+            if conn is not None and not conn.closed:
+                conn.send_many(msgs)
+
+    def _scatter(self, client_id: str, conn: Connection, msg: Scatter) -> None:
+        if msg.workers:
+            unknown = [w for w in msg.workers if w not in self.state.workers]
+            if unknown:
+                conn.send(Reply(id=msg.id, error=f"unknown workers: {unknown}"))
+                return
+        if not self.state.workers:
+            conn.send(Reply(id=msg.id, error="no workers to scatter to"))
+            return
+        self._apply(client_id, [msg])
+        conn.send(Reply(id=msg.id, result=self.state.who_has(list(msg.data))))
+
+    def _answer(self, req: Request) -> Reply:
+        method = self.requests.get(req.method)
+        if method is None:
+            return Reply(id=req.id, error=f"unknown request method {req.method!r}")
+        try:
+            return Reply(id=req.id, result=method(**req.args))
+        except Exception as exc:
+            logger.exception("request %s failed", req.method)
+            return Reply(id=req.id, error=f"{type(exc).__name__}: {exc}")
+
+    # -- read-only answers ---------------------------------------------------------
+    def scheduler_info(self) -> dict[str, Any]:
+        """Identity and workers, in dask.distributed's layout."""
+        return {
+            "type": "Scheduler",
+            "id": self.id,
+            "address": self.address,
+            "started": self.started,
+            "workers": {
+                addr: self.state.worker_info(ws) for addr, ws in self.state.workers.items()
+            },
+            "tasks": self.state.task_counts(),
+        }
+
+    def versions(self) -> dict[str, Any]:
+        """Versions of the scheduler and of every worker."""
+        return {
+            "scheduler": get_versions(),
+            "workers": {addr: ws.versions for addr, ws in self.state.workers.items()},
+        }

@@ -1,0 +1,853 @@
+"""The scheduler's state machine: pure, no IO, no clocks, no threads.
+
+:meth:`SchedulerState.handle` takes the messages that arrived from one peer
+(or an internal event such as a worker leaving) and returns the messages to
+send, grouped by recipient id (a worker address or a client id).  The IO
+layer (:mod:`corral.scheduler.server`) only moves bytes.
+
+Task states::
+
+    released -> waiting -> processing -> memory
+                  |  \\-> no-worker -/     \\-> erred
+                  \\-> erred
+
+``released`` tasks keep their record (and so their lineage) while a
+dependent record exists; ``forgotten`` tasks are removed.  Handlers only mark
+tasks ready; one batched pass at the end of each stimulus places them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..protocol.messages import (
+    AddKeys,
+    CancelKeys,
+    Compute,
+    ComputeTask,
+    ErrorInfo,
+    FreeKeys,
+    KeyCancelled,
+    KeyErred,
+    KeyInMemory,
+    Message,
+    MissingData,
+    RegisterWorker,
+    ReleaseKeys,
+    Scatter,
+    Store,
+    TaskErred,
+    TaskFinished,
+    UpdateGraph,
+    UpdateWhoHas,
+)
+from ..protocol.serialize import Payload
+from . import placement
+
+#: state -> states it may move to; anything else is a bug and raises at once.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "released": frozenset({"waiting", "memory", "erred", "forgotten"}),
+    "waiting": frozenset({"processing", "no-worker", "erred", "released", "memory"}),
+    "no-worker": frozenset({"processing", "erred", "released", "waiting", "memory"}),
+    "processing": frozenset({"memory", "erred", "released", "waiting", "no-worker"}),
+    "memory": frozenset({"released", "memory"}),
+    "erred": frozenset({"released"}),
+}
+
+_PENDING = frozenset({"waiting", "no-worker", "processing"})
+
+DEFAULT_DURATION = 0.5  # seconds assumed for a task prefix never seen finishing
+
+
+class InvalidTransition(RuntimeError):
+    """A transition not in :data:`TRANSITIONS` was attempted."""
+
+    def __init__(self, key: str, start: str, finish: str):
+        super().__init__(f"illegal transition of {key!r}: {start} -> {finish}")
+
+
+class TaskState:
+    """The scheduler's record of one task."""
+
+    __slots__ = (
+        "allow_other_workers",
+        "args",
+        "dependents",
+        "deps",
+        "duration",
+        "environment",
+        "error",
+        "fn",
+        "key",
+        "nbytes",
+        "prefix",
+        "priority",
+        "processing_on",
+        "resources",
+        "retries",
+        "run_id",
+        "runtime",
+        "state",
+        "suspicious",
+        "typename",
+        "waiters",
+        "waiting_on",
+        "who_has",
+        "who_wants",
+        "workers",
+    )
+
+    def __init__(self, key: str, args: Payload | None = None, fn: str | None = None):
+        self.key = key
+        self.state = "released"
+        self.args = args
+        self.fn = fn
+        self.deps: tuple[TaskState, ...] = ()
+        self.dependents: set[TaskState] = set()
+        self.waiting_on: set[TaskState] = set()
+        self.waiters: set[TaskState] = set()
+        self.who_has: set[WorkerInfo] = set()
+        self.who_wants: set[str] = set()
+        self.processing_on: WorkerInfo | None = None
+        self.priority: tuple[Any, ...] = ()
+        self.resources: dict[str, float] | None = None
+        self.workers: list[str] | None = None
+        self.allow_other_workers = False
+        self.retries = 0
+        self.suspicious = 0
+        self.run_id = 0
+        self.nbytes = 0
+        self.duration = 0.0
+        self.error: ErrorInfo | None = None
+        self.typename: str | None = None
+        self.runtime: str | None = None
+        self.environment: list[str] | None = None
+        self.prefix = key_prefix(key)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.key!r} {self.state}>"
+
+
+class WorkerInfo:
+    """The scheduler's record of one connected worker."""
+
+    __slots__ = (
+        "address",
+        "has_what",
+        "host",
+        "memory_limit",
+        "metrics",
+        "name",
+        "nbytes",
+        "nthreads",
+        "occupancy",
+        "pid",
+        "processing",
+        "resources",
+        "runtime",
+        "versions",
+    )
+
+    def __init__(self, reg: RegisterWorker):
+        self.address = reg.address
+        self.name = reg.name if reg.name is not None else reg.address
+        self.host = reg.address.split("://")[-1].rsplit(":", 1)[0]
+        self.nthreads = max(1, reg.nthreads)
+        self.memory_limit = reg.memory_limit
+        self.resources: dict[str, Any] = dict(reg.resources)
+        self.runtime = reg.runtime
+        self.pid = reg.pid
+        self.versions = reg.versions or {}
+        self.processing: set[TaskState] = set()
+        self.has_what: set[TaskState] = set()
+        self.occupancy = 0.0
+        self.nbytes = 0
+        self.metrics: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.address} processing={len(self.processing)}>"
+
+
+def key_prefix(key: str) -> str:
+    """The group a key belongs to: ``inc-1a2b`` -> ``inc``, ``('x', 0)`` -> ``x``."""
+    if key.startswith("("):
+        key = key[1:].lstrip("'\"")
+    for i, ch in enumerate(key):
+        if ch in "-',\" ":
+            return key[:i] or key
+    return key
+
+
+# Internal events produced by the IO layer -------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ClientJoined:
+    """A client completed its handshake."""
+
+    client: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLeft:
+    """A client's connection closed."""
+
+    client: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLeft:
+    """A worker's connection closed (``expected`` when it said goodbye first)."""
+
+    address: str
+    expected: bool = False
+
+
+class SchedulerState:
+    """All of the scheduler's knowledge, and the rules that change it."""
+
+    def __init__(self, allowed_failures: int = 3, log_length: int = 100_000) -> None:
+        self.tasks: dict[str, TaskState] = {}
+        self.workers: dict[str, WorkerInfo] = {}
+        self.clients: dict[str, set[TaskState]] = {}
+        self.functions: dict[str, Payload] = {}
+        self.function_refs: dict[str, int] = {}
+        self.unrunnable: dict[TaskState, None] = {}
+        self.allowed_failures = allowed_failures
+        self.durations: dict[str, float] = {}
+        self.transition_log: deque[tuple[str, str, str, str]] = deque(maxlen=log_length)
+        self.transition_counter = 0
+        self._ready: list[TaskState] = []
+        self._outbox: dict[str, list[Message]] = {}
+        self._compute: dict[WorkerInfo, list[ComputeTask]] = {}
+        self._stimulus = ""
+        self._stimulus_ids = itertools.count()
+        self._handlers = {
+            UpdateGraph: self._update_graph,
+            TaskFinished: self._task_finished,
+            TaskErred: self._task_erred,
+            ReleaseKeys: self._release_keys,
+            CancelKeys: self._cancel_keys,
+            AddKeys: self._add_keys,
+            MissingData: self._missing_data,
+            RegisterWorker: self._worker_joined,
+            WorkerLeft: self._worker_left,
+            ClientJoined: self._client_joined,
+            ClientLeft: self._client_left,
+            Scatter: self._scatter,
+        }
+
+    # -- entry point ---------------------------------------------------------------
+    def handle(self, source: str, events: Iterable[Any]) -> dict[str, list[Message]]:
+        """Apply ``events`` that came from ``source``; return messages by recipient."""
+        for event in events:
+            handler = self._handlers.get(type(event))
+            if handler is None:
+                raise TypeError(f"the scheduler state has no handler for {type(event).__name__}")
+            self._stimulus = f"{type(event).__name__}-{next(self._stimulus_ids)}"
+            handler(source, event)
+        self._schedule()
+        out, self._outbox = self._outbox, {}
+        return out
+
+    def _send(self, to: str, msg: Message) -> None:
+        box = self._outbox.get(to)
+        if box is None:
+            self._outbox[to] = [msg]
+        else:
+            box.append(msg)
+
+    def _move(self, ts: TaskState, finish: str) -> None:
+        start = ts.state
+        if finish not in TRANSITIONS[start]:
+            raise InvalidTransition(ts.key, start, finish)
+        ts.state = finish
+        self.transition_counter += 1
+        self.transition_log.append((ts.key, start, finish, self._stimulus))
+
+    def story(self, key: str) -> list[tuple[str, str, str, str]]:
+        """Every logged transition of ``key``: ``(key, start, finish, stimulus_id)``."""
+        return [t for t in self.transition_log if t[0] == key]
+
+    # -- clients -------------------------------------------------------------------
+    def _client_joined(self, client: str, event: ClientJoined) -> None:
+        self.clients.setdefault(event.client, set())
+
+    def _client_left(self, client: str, event: ClientLeft) -> None:
+        wanted = self.clients.pop(event.client, set())
+        for ts in wanted:
+            ts.who_wants.discard(event.client)
+        for ts in wanted:
+            self._release_if_unneeded(ts)
+
+    def _update_graph(self, client: str, msg: UpdateGraph) -> None:
+        wanted = self.clients.setdefault(client, set())
+        for fid, payload in msg.functions.items():
+            self.functions.setdefault(fid, payload)
+        new: list[tuple[TaskState, list[str]]] = []
+        for spec in msg.tasks:
+            if spec.key in self.tasks:
+                continue
+            ts = TaskState(spec.key, spec.args, spec.fn)
+            ts.priority = tuple(spec.priority)
+            ts.resources = spec.resources or None
+            ts.workers = spec.workers or None
+            ts.allow_other_workers = spec.allow_other_workers
+            ts.retries = spec.retries
+            ts.runtime = spec.runtime
+            ts.environment = spec.environment
+            self.tasks[spec.key] = ts
+            if ts.fn is not None:
+                self.function_refs[ts.fn] = self.function_refs.get(ts.fn, 0) + 1
+            new.append((ts, spec.deps))
+        missing_deps: list[tuple[TaskState, str]] = []
+        for ts, dep_keys in new:
+            deps = []
+            for dk in dep_keys:
+                dep = self.tasks.get(dk)
+                if dep is None:
+                    missing_deps.append((ts, dk))
+                    continue
+                deps.append(dep)
+                dep.dependents.add(ts)
+            ts.deps = tuple(deps)
+        for ts, dk in missing_deps:
+            if ts.state == "released":
+                self._fail(
+                    ts,
+                    ErrorInfo(
+                        typename="CancelledError",
+                        message=f"dependency {dk!r} of {ts.key!r} is unknown to the scheduler "
+                        "(its future was released or cancelled)",
+                    ),
+                )
+        for key in msg.wanted:
+            ts = self.tasks.get(key)
+            if ts is None:
+                self._send(client, KeyCancelled(key=key, reason="unknown key", lost=True))
+                continue
+            ts.who_wants.add(client)
+            wanted.add(ts)
+            if ts.state == "released":
+                self._make_waiting(ts)
+            elif ts.state == "memory":
+                self._send(client, self._in_memory_message(ts, None))
+            elif ts.state == "erred":
+                assert ts.error is not None
+                self._send(client, KeyErred(key=ts.key, error=ts.error))
+        for ts, _ in new:
+            if ts.state == "released":
+                self._forget_if_unneeded(ts)
+
+    def _release_keys(self, client: str, msg: ReleaseKeys) -> None:
+        wanted = self.clients.get(client, set())
+        for key in msg.keys:
+            ts = self.tasks.get(key)
+            if ts is None or client not in ts.who_wants:
+                continue
+            ts.who_wants.discard(client)
+            wanted.discard(ts)
+            self._release_if_unneeded(ts)
+
+    def _cancel_keys(self, client: str, msg: CancelKeys) -> None:
+        doomed: dict[TaskState, None] = {}
+        stack = [self.tasks[k] for k in msg.keys if k in self.tasks]
+        while stack:
+            ts = stack.pop()
+            if ts in doomed:
+                continue
+            doomed[ts] = None
+            stack.extend(dts for dts in ts.dependents if dts.state != "memory")
+        for ts in doomed:
+            for c in ts.who_wants:
+                self._send(c, KeyCancelled(key=ts.key, reason="cancelled"))
+                self.clients.get(c, set()).discard(ts)
+            ts.who_wants.clear()
+        for ts in doomed:
+            self._release_if_unneeded(ts)
+
+    def _scatter(self, client: str, msg: Scatter) -> None:
+        if msg.workers:
+            pool = [ws for ws in self.workers.values() if ws.address in msg.workers]
+        else:
+            pool = list(self.workers.values())
+        if not pool:
+            return  # the IO layer answers the request with an error before calling us
+        wanted = self.clients.setdefault(client, set())
+        for key, payload in msg.data.items():
+            if msg.broadcast:
+                targets = pool
+            else:
+                targets = [min(pool, key=lambda ws: (ws.nbytes, len(ws.has_what)))]
+            ts = self.tasks.get(key)
+            if ts is None:
+                ts = self.tasks[key] = TaskState(key)
+            elif ts.state != "released":
+                self._release_data(ts)
+                if ts.state != "released":
+                    self._move(ts, "released")
+            ts.nbytes = msg.nbytes.get(key, 0)
+            for ws in targets:
+                self._send(ws.address, Store(data={key: payload}))
+                self._add_replica(ts, ws)
+            self._move(ts, "memory")
+            ts.who_wants.add(client)
+            wanted.add(ts)
+
+    # -- workers -------------------------------------------------------------------
+    def _worker_joined(self, source: str, reg: RegisterWorker) -> None:
+        self.workers[reg.address] = WorkerInfo(reg)
+        if self.unrunnable:
+            self._ready.extend(self.unrunnable)
+            for ts in self.unrunnable:
+                self._move(ts, "waiting")
+            self.unrunnable.clear()
+
+    def _worker_left(self, source: str, event: WorkerLeft) -> None:
+        ws = self.workers.pop(event.address, None)
+        if ws is None:
+            return
+        for ts in list(ws.processing):
+            self._unassign(ts)
+            if not event.expected:
+                ts.suspicious += 1
+            if ts.suspicious >= self.allowed_failures:
+                self._fail(
+                    ts,
+                    ErrorInfo(
+                        typename="KilledWorker",
+                        message=(
+                            f"task {ts.key!r} was running on {ts.suspicious} workers that "
+                            f"died while running it; the last was {ws.address}"
+                        ),
+                    ),
+                )
+            else:
+                self._requeue(ts)
+        for ts in list(ws.has_what):
+            ts.who_has.discard(ws)
+            if not ts.who_has:
+                self._lost(ts)
+        ws.has_what.clear()
+        ws.processing.clear()
+
+    def _requeue(self, ts: TaskState) -> None:
+        """Put a task whose worker went away back to waiting on whatever is missing."""
+        self._move(ts, "waiting")
+        ts.waiting_on = {dep for dep in ts.deps if dep.state != "memory"}
+        for dep in ts.waiting_on:
+            if dep.state == "released":
+                self._make_waiting(dep)
+        if not ts.waiting_on:
+            self._ready.append(ts)
+
+    def _lost(self, ts: TaskState) -> None:
+        """Every copy of a task's result is gone."""
+        ts.nbytes = 0
+        self._move(ts, "released")
+        needed = bool(ts.who_wants or ts.waiters)
+        for dts in ts.dependents:
+            if dts.state == "processing":
+                # Its input vanished: take it back and wait for the recomputation.
+                worker = dts.processing_on
+                self._unassign(dts)
+                if worker is not None:
+                    self._send(worker.address, FreeKeys(keys=[dts.key]))
+                self._move(dts, "waiting")
+                dts.waiting_on = {d for d in dts.deps if d.state != "memory"}
+            elif dts.state in ("waiting", "no-worker"):
+                if dts.state == "no-worker":
+                    self.unrunnable.pop(dts, None)
+                    self._move(dts, "waiting")
+                dts.waiting_on.add(ts)
+        if not needed:
+            self._forget_if_unneeded(ts)
+            return
+        if ts.args is None:  # scattered data has no lineage
+            for c in ts.who_wants:
+                self._send(c, KeyCancelled(key=ts.key, reason="lost: its worker left", lost=True))
+            self._fail(
+                ts,
+                ErrorInfo(
+                    typename="LostDataError",
+                    message=f"{ts.key!r} was scattered data held only by workers that left",
+                ),
+                notify=False,
+            )
+            return
+        self._make_waiting(ts)
+
+    def _add_keys(self, source: str, msg: AddKeys) -> None:
+        ws = self.workers.get(source)
+        if ws is None:
+            return
+        stale = []
+        for key, nbytes in msg.nbytes.items():
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != "memory":
+                stale.append(key)
+                continue
+            ts.nbytes = ts.nbytes or nbytes
+            self._add_replica(ts, ws)
+        if stale:
+            self._send(source, FreeKeys(keys=stale))
+
+    def _missing_data(self, source: str, msg: MissingData) -> None:
+        ts = self.tasks.get(msg.key)
+        holder = self.workers.get(msg.holder)
+        if ts is None:
+            self._send(source, UpdateWhoHas(who_has={msg.key: []}))
+            return
+        if holder is not None and holder in ts.who_has:
+            ts.who_has.discard(holder)
+            holder.has_what.discard(ts)
+            holder.nbytes -= ts.nbytes
+            if not ts.who_has and ts.state == "memory":
+                self._lost(ts)
+        if ts.state == "memory":
+            self._send(source, UpdateWhoHas(who_has={ts.key: [w.address for w in ts.who_has]}))
+
+    # -- task results --------------------------------------------------------------
+    def _current(self, source: str, key: str, run_id: int) -> TaskState | None:
+        ts = self.tasks.get(key)
+        if (
+            ts is None
+            or ts.state != "processing"
+            or ts.processing_on is None
+            or ts.processing_on.address != source
+            or ts.run_id != run_id
+        ):
+            return None
+        return ts
+
+    def _task_finished(self, source: str, msg: TaskFinished) -> None:
+        ts = self._current(source, msg.key, msg.run_id)
+        if ts is None:
+            ws = self.workers.get(source)
+            known = self.tasks.get(msg.key)
+            if ws is not None and (known is None or ws not in known.who_has):
+                self._send(source, FreeKeys(keys=[msg.key]))
+            return
+        ws = ts.processing_on
+        assert ws is not None
+        self._unassign(ts)
+        duration = max(0.0, msg.stop - msg.start)
+        old = self.durations.get(ts.prefix)
+        self.durations[ts.prefix] = duration if old is None else 0.5 * old + 0.5 * duration
+        ts.nbytes = msg.nbytes
+        ts.typename = msg.typename
+        self._move(ts, "memory")
+        self._add_replica(ts, ws)
+        for dts in ts.dependents:
+            if dts.state == "waiting" and ts in dts.waiting_on:
+                dts.waiting_on.discard(ts)
+                if not dts.waiting_on:
+                    self._ready.append(dts)
+        for c in ts.who_wants:
+            self._send(c, self._in_memory_message(ts, msg.result))
+        for dep in ts.deps:
+            dep.waiters.discard(ts)
+            self._release_if_unneeded(dep)
+        self._release_if_unneeded(ts)
+
+    def _task_erred(self, source: str, msg: TaskErred) -> None:
+        ts = self._current(source, msg.key, msg.run_id)
+        if ts is None:
+            return
+        self._unassign(ts)
+        if ts.retries > 0:
+            ts.retries -= 1
+            self._move(ts, "waiting")
+            self._ready.append(ts)
+            return
+        self._fail(ts, msg.error)
+
+    def _in_memory_message(self, ts: TaskState, result: Payload | None) -> KeyInMemory:
+        return KeyInMemory(
+            key=ts.key,
+            who_has=[ws.address for ws in ts.who_has],
+            typename=ts.typename,
+            result=result,
+        )
+
+    def _fail(self, ts: TaskState, error: ErrorInfo, notify: bool = True) -> None:
+        """Mark ``ts`` and every task waiting on it erred with ``error``."""
+        stack = [ts]
+        failed = []
+        while stack:
+            t = stack.pop()
+            if t.state in ("erred", "memory"):
+                continue
+            failed.append(t)
+            if t.state == "processing":
+                worker = t.processing_on
+                self._unassign(t)
+                if worker is not None:
+                    self._send(worker.address, FreeKeys(keys=[t.key]))
+            if t.state == "no-worker":
+                self.unrunnable.pop(t, None)
+            self._move(t, "erred")
+            t.error = error
+            t.waiting_on = set()
+            if notify or t is not ts:
+                for c in t.who_wants:
+                    self._send(c, KeyErred(key=t.key, error=error))
+            stack.extend(d for d in t.dependents if d.state in _PENDING)
+            for dep in t.deps:
+                dep.waiters.discard(t)
+                self._release_if_unneeded(dep)
+        for t in failed:
+            self._release_if_unneeded(t)
+
+    # -- bookkeeping ---------------------------------------------------------------
+    def _add_replica(self, ts: TaskState, ws: WorkerInfo) -> None:
+        if ws not in ts.who_has:
+            ts.who_has.add(ws)
+            ws.has_what.add(ts)
+            ws.nbytes += ts.nbytes
+
+    def _unassign(self, ts: TaskState) -> None:
+        ws = ts.processing_on
+        if ws is not None:
+            ws.processing.discard(ts)
+            ws.occupancy = max(0.0, ws.occupancy - ts.duration) if ws.processing else 0.0
+        ts.processing_on = None
+
+    def _make_waiting(self, root: TaskState) -> None:
+        """Make a released task and its released inputs wait to be computed."""
+        stack = [root]
+        while stack:
+            ts = stack.pop()
+            if ts.state != "released":
+                continue
+            if ts.args is None:
+                self._fail(
+                    ts,
+                    ErrorInfo(
+                        typename="LostDataError",
+                        message=f"{ts.key!r} has no data and cannot be recomputed",
+                    ),
+                )
+                continue
+            self._move(ts, "waiting")
+            waiting_on = set()
+            erred: TaskState | None = None
+            for dep in ts.deps:
+                dep.waiters.add(ts)
+                if dep.state == "memory":
+                    continue
+                if dep.state == "erred":
+                    erred = dep
+                    continue
+                waiting_on.add(dep)
+                if dep.state == "released":
+                    stack.append(dep)
+            ts.waiting_on = waiting_on
+            if erred is not None:
+                assert erred.error is not None
+                self._fail(ts, erred.error)
+            elif not waiting_on:
+                self._ready.append(ts)
+
+    def _needed(self, ts: TaskState) -> bool:
+        return bool(ts.who_wants or ts.waiters)
+
+    def _release_if_unneeded(self, root: TaskState) -> None:
+        """Free the data and computation of tasks no client or dependent needs."""
+        stack = [root]
+        while stack:
+            ts = stack.pop()
+            if ts.state == "released" or self._needed(ts):
+                if ts.state == "released":
+                    self._forget_if_unneeded(ts)
+                continue
+            if ts.state == "memory":
+                self._release_data(ts)
+            elif ts.state == "processing":
+                worker = ts.processing_on
+                self._unassign(ts)
+                if worker is not None:
+                    self._send(worker.address, FreeKeys(keys=[ts.key]))
+            elif ts.state == "no-worker":
+                self.unrunnable.pop(ts, None)
+            ts.waiting_on = set()
+            ts.error = None
+            self._move(ts, "released")
+            for dep in ts.deps:
+                if ts in dep.waiters:
+                    dep.waiters.discard(ts)
+                    stack.append(dep)
+            self._forget_if_unneeded(ts)
+
+    def _release_data(self, ts: TaskState) -> None:
+        for ws in ts.who_has:
+            ws.has_what.discard(ts)
+            ws.nbytes -= ts.nbytes
+            self._send(ws.address, FreeKeys(keys=[ts.key]))
+        ts.who_has.clear()
+
+    def _forget_if_unneeded(self, root: TaskState) -> None:
+        """Drop released records that no live record depends on (their lineage too)."""
+        stack = [root]
+        while stack:
+            ts = stack.pop()
+            if ts.state != "released" or ts.who_wants or ts.dependents:
+                continue
+            if self.tasks.get(ts.key) is not ts:
+                continue
+            del self.tasks[ts.key]
+            self.transition_log.append((ts.key, "released", "forgotten", self._stimulus))
+            if ts.fn is not None:
+                refs = self.function_refs.get(ts.fn, 1) - 1
+                if refs <= 0:
+                    self.function_refs.pop(ts.fn, None)
+                    self.functions.pop(ts.fn, None)
+                else:
+                    self.function_refs[ts.fn] = refs
+            for dep in ts.deps:
+                dep.dependents.discard(ts)
+                dep.waiters.discard(ts)
+                stack.append(dep)
+
+    # -- placement -----------------------------------------------------------------
+    def _schedule(self) -> None:
+        """Place every ready task (highest priority first); batch per worker."""
+        if self._ready:
+            ready, self._ready = self._ready, []
+            if len(ready) > 1:
+                ready.sort(key=_priority)
+            workers = self.workers
+            for ts in ready:
+                if ts.state != "waiting" or ts.waiting_on:
+                    continue
+                ws = placement.choose_worker(ts, workers)
+                if ws is None:
+                    self._move(ts, "no-worker")
+                    self.unrunnable[ts] = None
+                else:
+                    self._assign(ts, ws)
+        if self._compute:
+            batches, self._compute = self._compute, {}
+            for ws, tasks in batches.items():
+                functions = {}
+                for t in tasks:
+                    if t.fn is not None and t.fn not in functions:
+                        functions[t.fn] = self.functions[t.fn]
+                self._send(ws.address, Compute(tasks=tasks, functions=functions))
+
+    def _assign(self, ts: TaskState, ws: WorkerInfo) -> None:
+        self._move(ts, "processing")
+        ts.processing_on = ws
+        ts.run_id += 1
+        ts.duration = self.durations.get(ts.prefix, DEFAULT_DURATION)
+        ws.processing.add(ts)
+        ws.occupancy += ts.duration
+        assert ts.args is not None
+        task = ComputeTask(
+            key=ts.key,
+            args=ts.args,
+            fn=ts.fn,
+            run_id=ts.run_id,
+            who_has={d.key: [w.address for w in d.who_has] for d in ts.deps},
+            nbytes={d.key: d.nbytes for d in ts.deps},
+            priority=list(ts.priority),
+            resources=ts.resources,
+            send_result=bool(ts.who_wants),
+        )
+        batch = self._compute.get(ws)
+        if batch is None:
+            self._compute[ws] = [task]
+        else:
+            batch.append(task)
+
+    # -- read-only views -----------------------------------------------------------
+    def why_pending(self, key: str) -> str:
+        """A readable reason why ``key`` has not finished yet."""
+        ts = self.tasks.get(key)
+        if ts is None:
+            return f"{key!r} is not known to the scheduler"
+        if ts.state == "no-worker":
+            return placement.why_no_worker(ts, self.workers) or "waiting for a worker"
+        if ts.state == "waiting":
+            names = ", ".join(repr(d.key) for d in list(ts.waiting_on)[:5])
+            return f"waiting for its inputs {names}"
+        if ts.state == "processing":
+            assert ts.processing_on is not None
+            return f"running (or queued) on {ts.processing_on.address}"
+        return f"{ts.state}"
+
+    def who_has(self, keys: Iterable[str] | None = None) -> dict[str, list[str]]:
+        """Map each key to the addresses of the workers holding it."""
+        if keys is None:
+            keys = [k for k, ts in self.tasks.items() if ts.state == "memory"]
+        out = {}
+        for key in keys:
+            ts = self.tasks.get(key)
+            out[key] = [ws.address for ws in ts.who_has] if ts is not None else []
+        return out
+
+    def worker_info(self, ws: WorkerInfo) -> dict[str, Any]:
+        """The public description of one worker (as in ``scheduler_info()``)."""
+        return {
+            "address": ws.address,
+            "name": ws.name,
+            "nthreads": ws.nthreads,
+            "memory_limit": ws.memory_limit,
+            "resources": dict(ws.resources),
+            "runtime": ws.runtime,
+            "pid": ws.pid,
+            "processing": len(ws.processing),
+            "nbytes": ws.nbytes,
+            "keys": [ts.key for ts in ws.has_what],
+            "metrics": dict(ws.metrics),
+        }
+
+    def task_counts(self) -> dict[str, int]:
+        """How many tasks are in each state."""
+        counts: dict[str, int] = {}
+        for ts in self.tasks.values():
+            counts[ts.state] = counts.get(ts.state, 0) + 1
+        return counts
+
+    # -- invariants (tests call this after every stimulus) ----------------------------
+    def validate(self) -> None:
+        """Raise ``AssertionError`` if any internal invariant is broken."""
+        for key, ts in self.tasks.items():
+            assert ts.key == key
+            assert ts.state in TRANSITIONS, ts
+            if ts.state == "processing":
+                assert ts.processing_on is not None, ts
+                assert ts in ts.processing_on.processing, ts
+                assert ts.processing_on.address in self.workers, ts
+            else:
+                assert ts.processing_on is None, ts
+            if ts.state == "memory":
+                assert ts.who_has, f"{ts} has no holder"
+            else:
+                assert not ts.who_has, f"{ts} has holders {ts.who_has}"
+            for ws in ts.who_has:
+                assert ts in ws.has_what and ws.address in self.workers
+            if ts.state == "waiting":
+                for dep in ts.waiting_on:
+                    assert dep in ts.deps and dep.state != "memory", (ts, dep)
+                    assert dep.state in ("waiting", "processing", "no-worker"), (ts, dep)
+            if ts.state == "no-worker":
+                assert ts in self.unrunnable
+            for dep in ts.deps:
+                assert ts in dep.dependents
+                assert self.tasks.get(dep.key) is dep, f"{ts} depends on forgotten {dep}"
+            for c in ts.who_wants:
+                assert ts in self.clients.get(c, ()), (ts, c)
+        for ts in self.unrunnable:
+            assert ts.state == "no-worker"
+        for ws in self.workers.values():
+            for ts in ws.processing:
+                assert ts.processing_on is ws
+            for ts in ws.has_what:
+                assert ws in ts.who_has
+
+
+def _priority(ts: TaskState) -> tuple[Any, ...]:
+    return ts.priority

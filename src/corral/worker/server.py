@@ -1,0 +1,402 @@
+"""The worker process's IO: scheduler stream, peer server, thread pool, data store.
+
+:class:`Worker` feeds events to the pure :class:`~corral.worker.state.WorkerState`
+and carries out the instructions it returns.  It reconnects (and starts
+afresh) if the scheduler goes away and comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+import psutil
+
+from ..comm import Connection, connect, format_address, parse_address, start_server
+from ..comm.handshake import accept
+from ..errors import CommClosedError, HandshakeError
+from ..protocol.messages import (
+    CloseWorker,
+    Compute,
+    Data,
+    FreeKeys,
+    GetData,
+    Heartbeat,
+    Message,
+    RegisterWorker,
+    Store,
+    Unregister,
+    UpdateWhoHas,
+)
+from ..protocol.serialize import deserialize, serialize, sizeof
+from ..versions import get_versions
+from .execution import FunctionCache, ThreadPool, run_task
+from .state import (
+    ComputeEvent,
+    DataStored,
+    Execute,
+    ExecuteSuccess,
+    FreeEvent,
+    Gather,
+    GatherDone,
+    ReleaseData,
+    SendToScheduler,
+    WorkerState,
+)
+
+logger = logging.getLogger("corral.worker")
+
+HEARTBEAT_INTERVAL = 1.0
+
+
+class Worker:
+    """A Corral worker: runs tasks, holds results, serves them to peers.
+
+    Example::
+
+        worker = Worker("tcp://127.0.0.1:8786", nthreads=2, resources={"GPU": 1})
+        await worker.start()
+        ...
+        await worker.close()
+    """
+
+    def __init__(
+        self,
+        scheduler_address: str,
+        *,
+        nthreads: int | None = None,
+        name: str | None = None,
+        memory_limit: int = 0,
+        resources: dict[str, float] | None = None,
+        host: str | None = None,
+        port: int = 0,
+        local_directory: str | None = None,
+        token: str | None = None,
+        reconnect: bool = True,
+        connect_timeout: float | None = None,
+    ) -> None:
+        self.scheduler_address = scheduler_address
+        self.nthreads = nthreads or os.cpu_count() or 1
+        self.name = name
+        self.memory_limit = memory_limit
+        self.resources = dict(resources or {})
+        self.host = host
+        self.port = port
+        self.local_directory = local_directory
+        self.token = token
+        self.reconnect = reconnect
+        self.connect_timeout = connect_timeout
+        self.id = f"worker-{uuid.uuid4().hex[:12]}"
+        self.address = ""
+        self.data: dict[str, Any] = {}
+        self.state = WorkerState(self.nthreads, self.resources)
+        self.functions = FunctionCache()
+        self.status = "created"
+        self._scheduler: Connection | None = None
+        self._server: asyncio.Server | None = None
+        self._pool: ThreadPool | None = None
+        self._peers: dict[str, Connection] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._generation = 0
+        self._closed = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._process = psutil.Process()
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> Worker:
+        """Open the peer server, connect to the scheduler and register."""
+        loop = asyncio.get_running_loop()
+        _, sched_host, _ = parse_address(self.scheduler_address)
+        listen_host = self.host or ("127.0.0.1" if _is_loopback(sched_host) else "0.0.0.0")
+        self._server = await start_server(listen_host, self.port, self._serve_peer)
+        port = self._server.sockets[0].getsockname()[1]
+        advertised = listen_host if listen_host not in ("0.0.0.0", "::") else _outbound_ip(sched_host)
+        self.address = format_address(advertised, port)
+        if self.name is None:
+            self.name = self.address
+        self._pool = ThreadPool(self.nthreads, loop, self._on_results, worker=self)
+        self.status = "connecting"
+        await self._connect()
+        self._spawn(self._heartbeat_loop())
+        self.status = "running"
+        logger.info("worker %s (%s) connected to %s", self.name, self.address, self.scheduler_address)
+        return self
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if self.connect_timeout is None else loop.time() + self.connect_timeout
+        delay = 0.05
+        while True:
+            try:
+                conn, _ = await connect(
+                    self.scheduler_address,
+                    role="worker",
+                    my_id=self.id,
+                    name=self.name,
+                    token=self.token,
+                    versions=get_versions(),
+                )
+                break
+            except (OSError, TimeoutError) as exc:
+                if deadline is not None and loop.time() > deadline:
+                    raise TimeoutError(
+                        f"worker could not reach the scheduler at {self.scheduler_address}: {exc}"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 2.0)
+        self._generation += 1
+        self._scheduler = conn
+        conn.set_handler(self._on_scheduler_messages)
+        conn.on_close(self._on_scheduler_closed)
+        conn.send(
+            RegisterWorker(
+                address=self.address,
+                nthreads=self.nthreads,
+                name=self.name,
+                memory_limit=self.memory_limit,
+                resources=self.resources,
+                pid=os.getpid(),
+                versions=get_versions(),
+            )
+        )
+
+    def _on_scheduler_closed(self, conn: Connection) -> None:
+        if self.status not in ("running", "connecting") or conn is not self._scheduler:
+            return
+        logger.warning("lost the scheduler (%s)", conn.close_reason)
+        # A restarted scheduler knows nothing of our tasks or data: start afresh.
+        self.data.clear()
+        self.state = WorkerState(self.nthreads, self.resources)
+        self.functions.trim()
+        if self.reconnect:
+            self.status = "connecting"
+            self._spawn(self._reconnect())
+        else:
+            self._spawn(self.close(report=False))
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._connect()
+            self.status = "running"
+            logger.info("reconnected to %s", self.scheduler_address)
+        except Exception:
+            logger.exception("reconnecting failed; closing")
+            await self.close(report=False)
+
+    async def close(self, report: bool = True, reason: str = "closing") -> None:
+        """Tell the scheduler we leave, stop serving, let running tasks finish."""
+        if self.status in ("closing", "closed"):
+            await self._closed.wait()
+            return
+        self.status = "closing"
+        if report and self._scheduler is not None and not self._scheduler.closed:
+            with contextlib.suppress(CommClosedError):
+                self._scheduler.send(Unregister(reason=reason))
+            self._scheduler.close(reason)
+        if self._server is not None:
+            self._server.close()
+        for conn in self._peers.values():
+            conn.close()
+        if self._pool is not None:
+            self._pool.shutdown()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        self.data.clear()
+        self.status = "closed"
+        self._closed.set()
+
+    async def finished(self) -> None:
+        """Wait until the worker has closed."""
+        await self._closed.wait()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- scheduler stream ----------------------------------------------------------
+    def _on_scheduler_messages(self, batch: list[Message]) -> None:
+        events: list[Any] = []
+        for msg in batch:
+            kind = type(msg)
+            if kind is Compute:
+                assert isinstance(msg, Compute)
+                self.functions.add(msg.functions)
+                events.append(ComputeEvent(msg.tasks))
+            elif kind is FreeKeys:
+                assert isinstance(msg, FreeKeys)
+                events.append(FreeEvent(msg.keys))
+            elif kind is Store:
+                assert isinstance(msg, Store)
+                events.append(self._store(msg))
+            elif kind is UpdateWhoHas:
+                events.append(msg)
+            elif kind is CloseWorker:
+                self._spawn(self.close(reason="asked by the scheduler"))
+                return
+            else:
+                logger.warning("ignoring unexpected op %r from the scheduler", kind.op)
+        self._handle(events)
+
+    def _store(self, msg: Store) -> DataStored:
+        nbytes = {}
+        for key, payload in msg.data.items():
+            value = deserialize(payload)
+            self.data[key] = value
+            nbytes[key] = sizeof(value)
+        return DataStored(nbytes)
+
+    def _handle(self, events: list[Any]) -> None:
+        instructions = self.state.handle(events)
+        sends: list[Message] = []
+        for inst in instructions:
+            kind = type(inst)
+            if kind is Execute:
+                assert isinstance(inst, Execute) and self._pool is not None
+                self._pool.submit(self._job(inst))
+            elif kind is SendToScheduler:
+                assert isinstance(inst, SendToScheduler)
+                sends.append(inst.msg)
+            elif kind is Gather:
+                assert isinstance(inst, Gather)
+                self._spawn(self._gather(inst.peer, inst.keys, self._generation))
+            elif kind is ReleaseData:
+                assert isinstance(inst, ReleaseData)
+                for key in inst.keys:
+                    self.data.pop(key, None)
+        if sends and self._scheduler is not None and not self._scheduler.closed:
+            self._scheduler.send_many(sends)
+        if not self.state.tasks:
+            self.functions.trim()
+
+    def _job(self, inst: Execute) -> Any:
+        spec, functions, data, generation = inst.spec, self.functions, self.data, self._generation
+
+        def job() -> Any:
+            return generation, run_task(spec, functions, data)
+
+        return job
+
+    def _on_results(self, batch: list[Any]) -> None:
+        events = []
+        for generation, (event, value) in batch:
+            if generation != self._generation:
+                continue  # finished after a scheduler restart: nobody wants it
+            if isinstance(event, ExecuteSuccess):
+                self.data[event.key] = value
+            events.append(event)
+        if events:
+            self._handle(events)
+
+    # -- fetching from peers -------------------------------------------------------
+    async def _peer(self, address: str) -> Connection:
+        conn = self._peers.get(address)
+        if conn is None or conn.closed:
+            conn, _ = await connect(address, role="peer", my_id=self.id, token=self.token)
+            self._peers[address] = conn
+        return conn
+
+    async def _gather(self, peer: str, keys: list[str], generation: int) -> None:
+        received: dict[str, int] = {}
+        missing: list[str] = list(keys)
+        failed = False
+        try:
+            conn = await self._peer(peer)
+            conn.send(GetData(keys=keys))
+            reply = await conn.recv(timeout=300)
+            if not isinstance(reply, Data):
+                raise CommClosedError(f"unexpected reply {type(reply).op!r} from {peer}")
+            for key, payload in reply.data.items():
+                value = deserialize(payload)
+                if generation == self._generation:
+                    self.data[key] = value
+                received[key] = sizeof(value)
+            missing = [k for k in keys if k not in received]
+        except (OSError, TimeoutError, CommClosedError, HandshakeError) as exc:
+            logger.info("could not fetch %d keys from %s: %s", len(keys), peer, exc)
+            failed = True
+            self._peers.pop(peer, None)
+        except Exception:
+            logger.exception("error fetching from %s", peer)
+            failed = True
+        if generation == self._generation and self.status == "running":
+            self._handle([GatherDone(peer, received, missing, failed)])
+
+    # -- serving peers and clients ---------------------------------------------------
+    async def _serve_peer(self, conn: Connection) -> None:
+        try:
+            await accept(
+                conn,
+                role="worker",
+                server_id=self.id,
+                token=self.token,
+                allowed_roles=("peer", "client", "worker"),
+            )
+        except Exception:
+            return
+        while not conn.closed:
+            try:
+                msg = await conn.recv()
+            except CommClosedError:
+                return
+            if isinstance(msg, GetData):
+                conn.send(self._get_data(msg.keys))
+            else:
+                conn.abort(f"op {type(msg).op!r} is not served on a worker's peer port")
+                return
+
+    def _get_data(self, keys: list[str]) -> Data:
+        data = {}
+        missing = []
+        for key in keys:
+            if key in self.data:
+                try:
+                    data[key] = serialize(self.data[key])
+                except Exception:
+                    logger.exception("cannot serialize %r for a peer", key)
+                    missing.append(key)
+            else:
+                missing.append(key)
+        return Data(data=data, missing=missing)
+
+    # -- heartbeats ----------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while self.status in ("running", "connecting"):
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            conn = self._scheduler
+            if conn is None or conn.closed:
+                continue
+            try:
+                mem = self._process.memory_info().rss
+                cpu = self._process.cpu_percent()
+            except psutil.Error:
+                mem, cpu = 0, 0.0
+            conn.send(
+                Heartbeat(
+                    metrics={
+                        "memory": mem,
+                        "cpu": cpu,
+                        "executing": len(self.state.executing),
+                        "in_memory": len(self.data),
+                        "resources_available": dict(self.state.available_resources),
+                    }
+                )
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+
+
+def _outbound_ip(target_host: str) -> str:
+    """The local IP address used to reach ``target_host``."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((target_host, 9))
+        return str(s.getsockname()[0])
+    return socket.gethostbyname(socket.gethostname())

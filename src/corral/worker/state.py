@@ -1,0 +1,506 @@
+"""The worker's state machine: pure, no IO, no clocks, no threads.
+
+:meth:`WorkerState.handle` takes events (messages from the scheduler, and
+results of the IO the worker did) and returns instructions: run a task, fetch
+keys from a peer, send a message to the scheduler, drop data.
+
+Task life on a worker::
+
+    waiting -> ready -> executing -> memory | error
+       |         \\-> constrained -/        (constrained: waiting for resources)
+    dependencies: fetch -> flight -> memory   (missing: no holder left)
+
+A task freed while it runs becomes ``cancelled`` and its result is dropped.
+Resources are taken when a task starts executing (not while its inputs are
+fetched) and given back when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..protocol.messages import (
+    AddKeys,
+    ComputeTask,
+    ErrorInfo,
+    Message,
+    MissingData,
+    TaskErred,
+    TaskFinished,
+    UpdateWhoHas,
+)
+
+#: Most peers fetched from at once, and most bytes asked of one peer at once.
+MAX_GATHERS = 8
+GATHER_BYTES = 64 * 1024**2
+
+
+class WTask:
+    """The worker's record of one key: a task to run here or data to fetch."""
+
+    __slots__ = (
+        "dependents",
+        "deps",
+        "key",
+        "nbytes",
+        "priority",
+        "resources",
+        "spec",
+        "state",
+        "waiting_for",
+        "who_has",
+    )
+
+    def __init__(self, key: str):
+        self.key = key
+        self.state = "released"
+        self.spec: ComputeTask | None = None
+        self.deps: set[WTask] = set()
+        self.dependents: set[WTask] = set()
+        self.waiting_for: set[WTask] = set()
+        self.who_has: set[str] = set()
+        self.nbytes = 0
+        self.priority: tuple[Any, ...] = ()
+        self.resources: dict[str, float] | None = None
+
+    def __repr__(self) -> str:
+        return f"<WTask {self.key!r} {self.state}>"
+
+
+# Events (besides scheduler messages) ------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ExecuteSuccess:
+    """A task returned; its value is in the data store."""
+
+    key: str
+    run_id: int
+    nbytes: int
+    typename: str
+    start: float
+    stop: float
+    result: Any = None  # a Payload to send to the scheduler, if asked for
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteFailure:
+    """A task raised."""
+
+    key: str
+    run_id: int
+    error: ErrorInfo
+    start: float
+    stop: float
+
+
+@dataclass(frozen=True, slots=True)
+class GatherDone:
+    """A fetch from ``peer`` finished: what arrived (key -> nbytes), what it lacked."""
+
+    peer: str
+    received: dict[str, int]
+    missing: list[str]
+    failed: bool = False  # the peer could not be reached at all
+
+
+@dataclass(frozen=True, slots=True)
+class DataStored:
+    """Data scattered to this worker is now in the store."""
+
+    nbytes: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeEvent:
+    """The scheduler assigned these tasks."""
+
+    tasks: list[ComputeTask]
+
+
+@dataclass(frozen=True, slots=True)
+class FreeEvent:
+    """The scheduler freed these keys."""
+
+    keys: list[str]
+
+
+# Instructions ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """Run task ``key`` (its spec is ``spec``) in the thread pool."""
+
+    key: str
+    spec: ComputeTask
+
+
+@dataclass(frozen=True, slots=True)
+class Gather:
+    """Fetch ``keys`` from ``peer``."""
+
+    peer: str
+    keys: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SendToScheduler:
+    """Send ``msg`` on the scheduler stream."""
+
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseData:
+    """Drop these keys from the data store."""
+
+    keys: list[str]
+
+
+Instruction = Execute | Gather | SendToScheduler | ReleaseData
+
+
+@dataclass
+class _Log:
+    entries: deque[tuple[str, str, str]] = field(default_factory=lambda: deque(maxlen=50_000))
+
+
+class WorkerState:
+    """Everything a worker knows about its tasks, and the rules that change it."""
+
+    def __init__(self, nthreads: int, resources: dict[str, float] | None = None) -> None:
+        self.nthreads = nthreads
+        self.tasks: dict[str, WTask] = {}
+        self.total_resources: dict[str, float] = dict(resources or {})
+        self.available_resources: dict[str, float] = dict(self.total_resources)
+        self.executing: set[WTask] = set()
+        self.in_flight: dict[str, set[WTask]] = {}  # peer -> keys being fetched
+        self._ready: list[tuple[tuple[Any, ...], int, WTask]] = []
+        self._constrained: list[tuple[tuple[Any, ...], int, WTask]] = []
+        self._fetch: dict[WTask, None] = {}
+        self._order = itertools.count()
+        self._out: list[Instruction] = []
+        self.log = _Log()
+
+    # -- entry point ---------------------------------------------------------------
+    def handle(self, events: Iterable[Any]) -> list[Instruction]:
+        """Apply events; return the instructions the IO layer must carry out."""
+        for event in events:
+            kind = type(event)
+            if kind is ComputeEvent:
+                self._compute(event.tasks)
+            elif kind is ExecuteSuccess:
+                self._execute_success(event)
+            elif kind is ExecuteFailure:
+                self._execute_failure(event)
+            elif kind is GatherDone:
+                self._gather_done(event)
+            elif kind is FreeEvent:
+                self._free(event.keys)
+            elif kind is DataStored:
+                self._stored(event.nbytes)
+            elif kind is UpdateWhoHas:
+                self._update_who_has(event.who_has)
+            else:
+                raise TypeError(f"the worker state has no handler for {kind.__name__}")
+        self._ensure_computing()
+        self._ensure_fetching()
+        out, self._out = self._out, []
+        return out
+
+    def _move(self, ts: WTask, finish: str) -> None:
+        self.log.entries.append((ts.key, ts.state, finish))
+        ts.state = finish
+
+    def story(self, key: str) -> list[tuple[str, str, str]]:
+        """Every logged transition of ``key``."""
+        return [e for e in self.log.entries if e[0] == key]
+
+    # -- handlers ------------------------------------------------------------------
+    def _compute(self, specs: list[ComputeTask]) -> None:
+        for spec in specs:
+            ts = self.tasks.get(spec.key)
+            if ts is None:
+                ts = self.tasks[spec.key] = WTask(spec.key)
+            elif ts.state in ("executing", "memory", "waiting", "ready", "constrained"):
+                if ts.state == "memory":
+                    # Already here (fetched earlier): report it as done at once.
+                    self._out.append(
+                        SendToScheduler(
+                            TaskFinished(key=ts.key, run_id=spec.run_id, nbytes=ts.nbytes)
+                        )
+                    )
+                elif ts.spec is not None:
+                    ts.spec = spec  # newer run id
+                continue
+            elif ts.state == "cancelled":
+                # Freed while running and now assigned again: let the run count.
+                ts.spec = spec
+                self._move(ts, "executing")
+                continue
+            elif ts.state in ("fetch", "flight", "missing"):
+                self._fetch.pop(ts, None)
+            ts.spec = spec
+            ts.priority = tuple(spec.priority)
+            ts.resources = spec.resources or None
+            ts.waiting_for = set()
+            for dep_key, holders in spec.who_has.items():
+                dep = self.tasks.get(dep_key)
+                if dep is None:
+                    dep = self.tasks[dep_key] = WTask(dep_key)
+                dep.dependents.add(ts)
+                ts.deps.add(dep)
+                dep.nbytes = dep.nbytes or spec.nbytes.get(dep_key, 0)
+                if dep.state == "memory":
+                    continue
+                ts.waiting_for.add(dep)
+                dep.who_has.update(holders)
+                if dep.state == "released":
+                    self._want_fetch(dep)
+            if ts.waiting_for:
+                self._move(ts, "waiting")
+            else:
+                self._make_ready(ts)
+
+    def _want_fetch(self, dep: WTask, failed_holder: str = "") -> None:
+        if dep.who_has:
+            self._move(dep, "fetch")
+            self._fetch[dep] = None
+        else:
+            self._move(dep, "missing")
+            self._out.append(SendToScheduler(MissingData(key=dep.key, holder=failed_holder)))
+
+    def _make_ready(self, ts: WTask) -> None:
+        self._move(ts, "ready")
+        heapq.heappush(self._ready, (ts.priority, next(self._order), ts))
+
+    def _execute_success(self, ev: ExecuteSuccess) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts.spec is None or ts.state not in ("executing", "cancelled"):
+            return
+        self._finish_executing(ts)
+        if ts.state == "cancelled":
+            self._forget(ts)
+            self._out.append(ReleaseData([ts.key]))
+            return
+        ts.nbytes = ev.nbytes
+        self._move(ts, "memory")
+        self._out.append(
+            SendToScheduler(
+                TaskFinished(
+                    key=ts.key,
+                    run_id=ts.spec.run_id,  # the latest assignment, if re-assigned mid-run
+                    nbytes=ev.nbytes,
+                    typename=ev.typename,
+                    start=ev.start,
+                    stop=ev.stop,
+                    result=ev.result,
+                )
+            )
+        )
+        self._arrived(ts)
+
+    def _execute_failure(self, ev: ExecuteFailure) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts.spec is None or ts.state not in ("executing", "cancelled"):
+            return
+        self._finish_executing(ts)
+        if ts.state == "cancelled":
+            self._forget(ts)
+            return
+        self._move(ts, "error")
+        self._out.append(
+            SendToScheduler(
+                TaskErred(
+                    key=ts.key, run_id=ts.spec.run_id, error=ev.error, start=ev.start, stop=ev.stop
+                )
+            )
+        )
+        # The scheduler frees errored keys; hold nothing for it meanwhile.
+        self._forget(ts)
+
+    def _finish_executing(self, ts: WTask) -> None:
+        self.executing.discard(ts)
+        if ts.resources:
+            for name, amount in ts.resources.items():
+                self.available_resources[name] = self.available_resources.get(name, 0) + amount
+
+    def _arrived(self, ts: WTask) -> None:
+        """``ts`` is now in memory here: wake the local tasks that waited for it."""
+        for dts in ts.dependents:
+            if dts.state == "waiting" and ts in dts.waiting_for:
+                dts.waiting_for.discard(ts)
+                if not dts.waiting_for:
+                    self._make_ready(dts)
+
+    def _gather_done(self, ev: GatherDone) -> None:
+        flight = self.in_flight.pop(ev.peer, set())
+        arrived = {}
+        for ts in flight:
+            if ts.key in ev.received and ts.state == "flight":
+                ts.nbytes = ev.received[ts.key]
+                self._move(ts, "memory")
+                arrived[ts.key] = ts.nbytes
+                self._arrived(ts)
+            elif ts.state == "flight":
+                ts.who_has.discard(ev.peer)
+                if ts.dependents:
+                    self._want_fetch(ts, failed_holder=ev.peer)
+                else:
+                    self._forget(ts)
+            elif ts.state == "cancelled-flight":
+                self._forget(ts)
+                if ts.key in ev.received:
+                    self._out.append(ReleaseData([ts.key]))
+        if ev.failed:
+            for ts in self._fetch:
+                ts.who_has.discard(ev.peer)
+        if arrived:
+            self._out.append(SendToScheduler(AddKeys(nbytes=arrived)))
+
+    def _stored(self, nbytes: dict[str, int]) -> None:
+        for key, n in nbytes.items():
+            ts = self.tasks.get(key)
+            if ts is None:
+                ts = self.tasks[key] = WTask(key)
+            self._fetch.pop(ts, None)
+            ts.nbytes = n
+            if ts.state != "memory":
+                # A fetch in flight for it finds it in memory and is ignored.
+                self._move(ts, "memory")
+                self._arrived(ts)
+
+    def _update_who_has(self, who_has: dict[str, list[str]]) -> None:
+        for key, holders in who_has.items():
+            ts = self.tasks.get(key)
+            if ts is None or ts.state not in ("missing", "fetch"):
+                continue
+            ts.who_has = set(holders)
+            if ts.state == "missing" and holders:
+                self._move(ts, "fetch")
+                self._fetch[ts] = None
+
+    def _free(self, keys: list[str]) -> None:
+        dropped = []
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            if ts.state == "executing":
+                self._move(ts, "cancelled")
+                continue
+            if ts.state == "flight":
+                self._move(ts, "cancelled-flight")
+                del self.tasks[key]
+                continue
+            if ts.state == "memory":
+                dropped.append(key)
+            self._fetch.pop(ts, None)
+            self._forget(ts)
+        if dropped:
+            self._out.append(ReleaseData(dropped))
+
+    def _forget(self, ts: WTask) -> None:
+        """Remove ``ts``'s record, and inputs fetched only for it that are not in memory."""
+        if self.tasks.get(ts.key) is ts:
+            del self.tasks[ts.key]
+        if ts.state not in ("cancelled", "cancelled-flight"):
+            self._move(ts, "forgotten")
+        for dep in ts.deps:
+            dep.dependents.discard(ts)
+            if not dep.dependents and dep.state in ("fetch", "missing"):
+                self._fetch.pop(dep, None)
+                self._forget(dep)
+        ts.deps = set()
+
+    # -- choosing what to do next --------------------------------------------------
+    def _fits(self, ts: WTask) -> bool:
+        if not ts.resources:
+            return True
+        avail = self.available_resources
+        return all(avail.get(name, 0) >= amount for name, amount in ts.resources.items())
+
+    def _ensure_computing(self) -> None:
+        while len(self.executing) < self.nthreads:
+            ts = self._next_runnable()
+            if ts is None:
+                return
+            if ts.resources:
+                for name, amount in ts.resources.items():
+                    self.available_resources[name] -= amount
+            self._move(ts, "executing")
+            self.executing.add(ts)
+            assert ts.spec is not None
+            self._out.append(Execute(ts.key, ts.spec))
+
+    def _next_runnable(self) -> WTask | None:
+        # Resource-constrained tasks first (they are older); never oversubscribe.
+        while self._constrained:
+            _, _, ts = self._constrained[0]
+            if ts.state != "constrained":
+                heapq.heappop(self._constrained)
+                continue
+            if not self._fits(ts):
+                break
+            heapq.heappop(self._constrained)
+            return ts
+        while self._ready:
+            prio, order, ts = heapq.heappop(self._ready)
+            if ts.state != "ready":
+                continue
+            if self._fits(ts):
+                return ts
+            self._move(ts, "constrained")
+            heapq.heappush(self._constrained, (prio, order, ts))
+        return None
+
+    def _ensure_fetching(self) -> None:
+        if not self._fetch or len(self.in_flight) >= MAX_GATHERS:
+            return
+        per_peer: dict[str, list[WTask]] = {}
+        for ts in self._fetch:
+            if not ts.who_has:
+                continue
+            busy = [p for p in ts.who_has if p in self.in_flight]
+            free = sorted(p for p in ts.who_has if p not in self.in_flight)
+            peer = free[0] if free else sorted(busy)[0]
+            if peer in self.in_flight:
+                continue
+            per_peer.setdefault(peer, []).append(ts)
+        for peer, wanted in per_peer.items():
+            if len(self.in_flight) >= MAX_GATHERS:
+                break
+            batch: list[WTask] = []
+            total = 0
+            for ts in sorted(wanted, key=lambda t: t.priority):
+                if batch and total + ts.nbytes > GATHER_BYTES:
+                    break
+                batch.append(ts)
+                total += ts.nbytes
+            for ts in batch:
+                del self._fetch[ts]
+                self._move(ts, "flight")
+            self.in_flight[peer] = set(batch)
+            self._out.append(Gather(peer, [ts.key for ts in batch]))
+
+    # -- invariants ----------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``AssertionError`` if an invariant is broken."""
+        used: dict[str, float] = {}
+        for ts in self.executing:
+            assert ts.state in ("executing", "cancelled"), ts
+            for name, amount in (ts.resources or {}).items():
+                used[name] = used.get(name, 0) + amount
+        for name, total in self.total_resources.items():
+            assert used.get(name, 0) <= total + 1e-9, f"{name} oversubscribed"
+            assert abs(self.available_resources[name] - (total - used.get(name, 0))) < 1e-9
+        assert len(self.executing) <= self.nthreads
+        for ts in self.tasks.values():
+            if ts.state == "waiting":
+                assert ts.waiting_for, ts
+                for dep in ts.waiting_for:
+                    assert dep.state in ("fetch", "flight", "missing"), (ts, dep)
+            if ts.state == "fetch":
+                assert ts in self._fetch, ts
