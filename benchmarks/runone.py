@@ -125,7 +125,12 @@ def run_one(progress: _Progress, backend_name: str, workload_name: str, quick: b
         t2 = time.perf_counter()
         progress.phase = "workload"
         ctx = Context(
-            client=client, backend=backend_name, quick=quick, workers=workers, module=module
+            client=client,
+            cluster=cluster,
+            backend=backend_name,
+            quick=quick,
+            workers=workers,
+            module=module,
         )
         measurement = workload.run(ctx)
         t3 = time.perf_counter()

@@ -117,6 +117,7 @@ class Context:
     """What a workload function gets: a connected client and run settings."""
 
     client: Any
+    cluster: Any
     backend: str
     quick: bool
     workers: list[str]

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
+from urllib.parse import urlsplit
 
 from benchmarks import baselines, tasks
 from benchmarks.spec import (
@@ -301,13 +302,71 @@ def resources(ctx: Context) -> Measurement:
     )
 
 
-def _scheduler_task_count(client: Any) -> int | None:
-    """Return the scheduler's task count, or None if it cannot be inspected."""
-    try:
-        count = client.run_on_scheduler(tasks.scheduler_task_count)
-    except Exception:
-        return None
-    return count if isinstance(count, int) else None
+class _SchedulerProbe:
+    """Reads the scheduler process's RSS and, when possible, its task count.
+
+    Uses ``client.run_on_scheduler`` (dask's API) when the client has it;
+    otherwise finds the process that listens on the scheduler's port among
+    this process and its descendants and reads its RSS from outside.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.client = ctx.client
+        self.remote = hasattr(self.client, "run_on_scheduler")
+        if self.remote:
+            self.pid = int(self.client.run_on_scheduler(tasks.process_id))
+        else:
+            self.pid = _pid_listening_on(ctx.cluster.scheduler_address)
+        self.method = "run_on_scheduler" if self.remote else "listening port"
+
+    def rss(self) -> int:
+        """Return the scheduler process's resident set size in bytes."""
+        if self.remote:
+            return int(self.client.run_on_scheduler(tasks.process_rss))
+        import psutil
+
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+    def task_count(self) -> int | None:
+        """Return how many tasks the scheduler holds, or None if unknown."""
+        if not self.remote:
+            return None
+        try:
+            count = self.client.run_on_scheduler(tasks.scheduler_task_count)
+        except Exception:
+            return None
+        return count if isinstance(count, int) else None
+
+
+def _pid_listening_on(address: str) -> int:
+    """Return the pid of this process or a descendant listening on ``address``'s port."""
+    import psutil
+
+    port = urlsplit(address).port
+    check(port is not None, f"cannot find a port in scheduler address {address!r}")
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            connections = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for conn in connections:
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                return int(proc.pid)
+    raise RuntimeError(f"no process of this run listens on {address}")
+
+
+def _wait_until_stable(read: Callable[[], int], timeout: float = 10.0) -> int:
+    """Sample ``read()`` every 0.25 s until two samples agree within 1%."""
+    deadline = time.monotonic() + timeout
+    previous = read()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        current = read()
+        if abs(current - previous) <= 0.01 * max(previous, 1):
+            return current
+        previous = current
+    return previous
 
 
 def pending_memory(ctx: Context) -> Measurement:
@@ -323,13 +382,12 @@ def pending_memory(ctx: Context) -> Measurement:
     client = ctx.client
     n = size("pending_memory", ctx.quick)
     _warm_up(ctx)
-    scheduler_pid = client.run_on_scheduler(tasks.process_id)
-    in_client = scheduler_pid == os.getpid()
+    probe = _SchedulerProbe(ctx)
     me = psutil.Process()
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         gate_path = os.path.join(tmp, "open")
-        baseline_count = _scheduler_task_count(client)
-        rss_before = client.run_on_scheduler(tasks.process_rss)
+        baseline_count = probe.task_count()
+        rss_before = probe.rss()
         client_rss_before = me.memory_info().rss
         gate = client.submit(tasks.wait_for_file, gate_path, 600.0, pure=False)
         start = time.perf_counter()
@@ -337,18 +395,18 @@ def pending_memory(ctx: Context) -> Measurement:
         # Messages from one client are handled in order, so once this later
         # task is done the scheduler has taken in the whole map.
         check(client.submit(tasks.inc, 0, pure=False).result() == 1, "barrier task")
-        count = _scheduler_task_count(client)
+        count = probe.task_count()
         if count is not None and baseline_count is not None:
             deadline = time.monotonic() + 60
             while count is not None and count < baseline_count + n:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"scheduler holds {count} tasks, expected >= {n}")
                 time.sleep(0.1)
-                count = _scheduler_task_count(client)
+                count = probe.task_count()
+            rss_after = probe.rss()
         else:
-            time.sleep(2.0)
+            rss_after = _wait_until_stable(probe.rss)
         submit_s = time.perf_counter() - start
-        rss_after = client.run_on_scheduler(tasks.process_rss)
         client_rss_after = me.memory_info().rss
         check(not gate.done(), "the gate finished early, so tasks were not pending")
         check(not any(f.done() for f in futures[:: max(1, n // 100)]), "gated tasks ran early")
@@ -363,7 +421,8 @@ def pending_memory(ctx: Context) -> Measurement:
             "n_tasks": n,
             "scheduler_rss_before": rss_before,
             "scheduler_rss_after": rss_after,
-            "scheduler_in_client_process": in_client,
+            "rss_method": probe.method,
+            "scheduler_in_client_process": probe.pid == os.getpid(),
             "client_bytes_per_task": (client_rss_after - client_rss_before) / n,
             "scheduler_task_count": count,
             "submit_and_settle_s": submit_s,

@@ -554,6 +554,7 @@ class Client:
             total.result()   # 1000.0
         """
         import dask
+        from dask._expr import FinalizeCompute
         from dask.base import collections_to_expr
 
         single = not isinstance(collections, list | tuple)
@@ -561,15 +562,15 @@ class Client:
         futures = []
         for coll in colls:
             if not dask.is_dask_collection(coll):
-                futures.append(self.submit(lambda x: x, coll))
+                futures.append(coll)  # as dask.distributed: non-collections pass through
                 continue
-            expr = collections_to_expr([coll], optimize_graph=kwargs.get("optimize_graph", True))
-            dsk = dict(expr.__dask_graph__())
-            out_keys = list(flatten_keys(coll.__dask_keys__()))
-            finalize, extra = coll.__dask_postcompute__()
-            parts = self._submit_graph(dsk, out_keys, **_graph_options(kwargs))
-            nested = _nest_like(coll.__dask_keys__(), parts)
-            futures.append(self.submit(_finalize, finalize, nested, extra, pure=False))
+            # As dask.distributed: finalize inside the graph, then lower the expression
+            # (dask-expr collections have no graph before ``optimize``).
+            expr = collections_to_expr([coll], kwargs.get("optimize_graph", True))
+            expr = FinalizeCompute(expr).optimize()
+            out_keys = list(flatten_keys(expr.__dask_keys__()))
+            parts = self._submit_graph(expr.__dask_graph__(), out_keys, **_graph_options(kwargs))
+            futures.append(parts[out_keys[0]])
         if sync:
             futures = self.gather(futures)
         return futures[0] if single else futures
@@ -586,10 +587,10 @@ class Client:
             if not dask.is_dask_collection(coll):
                 out.append(coll)
                 continue
-            expr = collections_to_expr([coll], optimize_graph=kwargs.get("optimize_graph", True))
-            dsk = dict(expr.__dask_graph__())
-            out_keys = list(flatten_keys(coll.__dask_keys__()))
-            futures = self._submit_graph(dsk, out_keys, **_graph_options(kwargs))
+            expr = collections_to_expr([coll], kwargs.get("optimize_graph", True)).optimize()
+            (keys,) = expr.__dask_keys__()  # one collection: its (nested) keys
+            out_keys = list(flatten_keys(keys))
+            futures = self._submit_graph(expr.__dask_graph__(), out_keys, **_graph_options(kwargs))
             rebuild, args = coll.__dask_postpersist__()
             out.append(rebuild(futures, *args))
         return out[0] if single else out
@@ -902,16 +903,6 @@ def _scatter_result(client: Client, data: Any, names: dict[Any, str], single: bo
     if isinstance(data, dict):
         return futures
     return type(data)(futures[i] for i in range(len(futures))) if not isinstance(data, set | frozenset) else list(futures.values())
-
-
-def _nest_like(keys: Any, parts: dict[Hashable, Future]) -> Any:
-    if isinstance(keys, list):
-        return [_nest_like(k, parts) for k in keys]
-    return parts[keys]
-
-
-def _finalize(finalize: Callable[..., Any], results: Any, extra: tuple[Any, ...]) -> Any:
-    return finalize(results, *extra)
 
 
 def _graph_options(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -183,6 +183,9 @@ class Future:
 
     __slots__ = ("__weakref__", "_client", "_state", "key")
 
+    #: dask recognises futures in graphs by this flag (persisted collections hold futures)
+    __dask_future__ = True
+
     def __init__(self, key: str, client: Client, state: FutureState | None = None):
         self.key = key
         self._client = client
@@ -281,6 +284,9 @@ class Future:
             "a Future cannot be pickled; pass it as an argument to submit() and the "
             "task receives its value"
         )
+
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        return (type(self).__name__, self.key)
 
     def __repr__(self) -> str:
         extra = f", type: {self._state.typename}" if self._state.typename else ""

@@ -12,7 +12,6 @@ each dependency that the worker replaces by the dependency's value.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
@@ -45,11 +44,6 @@ def execute_node(node: Any, values: dict[Hashable, Any]) -> Any:
     return node(values)
 
 
-def _dumps(obj: Any) -> Payload:
-    try:
-        return Payload("pickle", [pickle.dumps(obj, protocol=5)])
-    except Exception:
-        return serialize(obj)
 
 
 def graph_to_tasks(dsk: Any) -> tuple[list[tuple[str, Payload, list[str], int]], set[str]]:
@@ -82,7 +76,7 @@ def graph_to_tasks(dsk: Any) -> tuple[list[tuple[str, Payload, list[str], int]],
         if not isinstance(node, GraphNode):
             raise TypeError(f"graph value for {key!r} is not a task: {type(node).__name__}")
         dep_map = {dep: Ref(stringify(dep)) for dep in node.dependencies}
-        args = _dumps(((node, dep_map), {}))
+        args = serialize(((node, dep_map), {}))
         tasks.append((skey, args, [stringify(d) for d in node.dependencies], priorities.get(key, i)))
     for _, _, deps, _ in tasks:
         for d in deps:

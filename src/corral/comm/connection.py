@@ -22,12 +22,22 @@ from typing import Any
 
 from ..errors import CommClosedError, ProtocolError
 from ..protocol.codec import Encoder, decode
-from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frames
+from ..protocol.framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_FRAMES,
+    FrameDecoder,
+    encode_frames,
+)
 from ..protocol.messages import Message, decode_message
 
 logger = logging.getLogger("corral.comm")
 
 Handler = Callable[[list[Message]], None]
+
+#: Until a server has accepted the handshake, a peer may send only small
+#: messages: an unauthenticated stranger must not make it allocate big buffers.
+HANDSHAKE_MAX_FRAME_BYTES = 1024**2
+HANDSHAKE_MAX_FRAMES = 16
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -37,12 +47,21 @@ class Connection(asyncio.BufferedProtocol):
         self,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         on_connected: Callable[[Connection], None] | None = None,
+        guarded: bool = False,
     ) -> None:
         self._on_connected = on_connected
-        self._decoder = FrameDecoder(max_frame_bytes=max_frame_bytes)
+        self._max_frame_bytes = max_frame_bytes
+        if guarded:  # a server's connection: small limits until lift_limits()
+            self._decoder = FrameDecoder(
+                max_frame_bytes=min(max_frame_bytes, HANDSHAKE_MAX_FRAME_BYTES),
+                max_frames=HANDSHAKE_MAX_FRAMES,
+            )
+        else:
+            self._decoder = FrameDecoder(max_frame_bytes=max_frame_bytes)
         self._encoder = Encoder()
         self._outbox: list[Message] = []
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._flush_soon = False
         self._write_paused = False
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
@@ -56,7 +75,7 @@ class Connection(asyncio.BufferedProtocol):
         self.info: dict[str, Any] = {}  # owner's bookkeeping: role, id, ...
 
     # -- asyncio.BufferedProtocol --------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = typing.cast(asyncio.Transport, transport)  # uvloop's too
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -67,10 +86,10 @@ class Connection(asyncio.BufferedProtocol):
         if self._on_connected is not None:
             self._on_connected(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:  # noqa: D102
+    def get_buffer(self, sizehint: int) -> memoryview:
         return self._decoder.get_buffer()
 
-    def buffer_updated(self, nbytes: int) -> None:  # noqa: D102
+    def buffer_updated(self, nbytes: int) -> None:
         try:
             wire_messages = self._decoder.buffer_updated(nbytes)
             for frames in wire_messages:
@@ -82,10 +101,10 @@ class Connection(asyncio.BufferedProtocol):
             logger.exception("error handling messages from %s", self.peer)
             self.abort(f"internal error handling messages: {exc!r}")
 
-    def eof_received(self) -> bool:  # noqa: D102
+    def eof_received(self) -> bool:
         return False
 
-    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+    def connection_lost(self, exc: Exception | None) -> None:
         if self.close_reason is None:
             self.close_reason = f"connection lost: {exc}" if exc else "closed by peer"
         if not self._closed.done():
@@ -99,12 +118,12 @@ class Connection(asyncio.BufferedProtocol):
             except Exception:
                 logger.exception("close callback failed")
 
-    def pause_writing(self) -> None:  # noqa: D102
+    def pause_writing(self) -> None:
         self._write_paused = True
 
-    def resume_writing(self) -> None:  # noqa: D102
+    def resume_writing(self) -> None:
         self._write_paused = False
-        if self._outbox and not self._flush_scheduled:
+        if self._outbox and self._flush_handle is None:
             self._flush()
 
     # -- receiving -----------------------------------------------------------------
@@ -124,6 +143,11 @@ class Connection(asyncio.BufferedProtocol):
         self._inbox.clear()
         if batch:
             self._handler(batch)
+
+    def lift_limits(self) -> None:
+        """Allow full-size messages from now on (the handshake was accepted)."""
+        self._decoder.max_frame_bytes = self._max_frame_bytes
+        self._decoder.max_frames = DEFAULT_MAX_FRAMES
 
     def set_handler(self, handler: Handler) -> None:
         """Deliver every received batch to ``handler`` from now on (queued ones first)."""
@@ -151,23 +175,37 @@ class Connection(asyncio.BufferedProtocol):
         if self.closed:
             raise CommClosedError(self.close_reason or "connection closed")
         self._outbox.append(msg)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if not self._flush_soon:
+            self._schedule_flush(0.0)
 
-    def send_many(self, msgs: list[Message]) -> None:
-        """Queue several messages at once."""
+    def send_many(self, msgs: list[Message], delay: float = 0.0) -> None:
+        """Queue several messages; with ``delay``, wait that long for more to batch.
+
+        A busy sender passes a small delay so a burst leaves as one write; an
+        idle one passes none so the message leaves at once.
+        """
         if not msgs:
             return
         if self.closed:
             raise CommClosedError(self.close_reason or "connection closed")
         self._outbox.extend(msgs)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if not self._flush_soon:
+            self._schedule_flush(delay)
+
+    def _schedule_flush(self, delay: float) -> None:
+        if self._flush_handle is not None:
+            if delay > 0:
+                return  # a flush is already on its way
+            self._flush_handle.cancel()
+        if delay > 0:
+            self._flush_handle = self._loop.call_later(delay, self._flush)
+        else:
+            self._flush_handle = self._loop.call_soon(self._flush)
+            self._flush_soon = True
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self._flush_handle = None
+        self._flush_soon = False
         if self._write_paused or not self._outbox or self._transport is None:
             return
         if self._transport.is_closing():
@@ -204,6 +242,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.close_reason is None:
             self.close_reason = reason
         if self._transport is not None and not self._transport.is_closing():
+            self._write_paused = False  # the transport keeps what it cannot send yet
             self._flush()
             self._transport.close()
 
@@ -266,7 +305,7 @@ async def start_server(
         task.add_done_callback(tasks.discard)
 
     return await loop.create_server(
-        lambda: Connection(max_frame_bytes=max_frame_bytes, on_connected=connected),
+        lambda: Connection(max_frame_bytes=max_frame_bytes, on_connected=connected, guarded=True),
         host,
         port,
         reuse_address=True,

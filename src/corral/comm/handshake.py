@@ -24,6 +24,7 @@ from .connection import Connection, open_connection
 
 logger = logging.getLogger("corral.comm")
 
+#: Seconds a peer has to complete the handshake (read at call time: tests lower it).
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -44,12 +45,15 @@ async def accept(
     token: str | None,
     allowed_roles: Iterable[str],
     info: dict[str, Any] | None = None,
-    timeout: float = HANDSHAKE_TIMEOUT,
+    timeout: float | None = None,
 ) -> Handshake:
     """Run the server side; return the peer's handshake or raise :class:`HandshakeError`.
 
-    On failure the connection is closed after telling the peer why.
+    On failure the connection is closed after telling the peer why.  ``timeout``
+    defaults to :data:`HANDSHAKE_TIMEOUT`.
     """
+    if timeout is None:
+        timeout = HANDSHAKE_TIMEOUT
     challenge = secrets.token_bytes(32) if token else None
     conn.send(Hello(protocol=PROTOCOL_VERSION, role=role, challenge=challenge))
 
@@ -74,6 +78,7 @@ async def accept(
     if expected is not None and not hmac.compare_digest(expected, bytes(msg.response or b"")):
         raise refuse("authentication failed: wrong or missing token")
     conn.send(Welcome(id=server_id, info=info))
+    conn.lift_limits()
     conn.info.update(role=msg.role, id=msg.id, name=msg.name)
     return msg
 
@@ -86,9 +91,11 @@ async def connect(
     name: str | None = None,
     token: str | None = None,
     versions: dict[str, Any] | None = None,
-    timeout: float = HANDSHAKE_TIMEOUT,
+    timeout: float | None = None,
 ) -> tuple[Connection, Welcome]:
     """Open a connection to ``address`` and run the connector side of the handshake."""
+    if timeout is None:
+        timeout = HANDSHAKE_TIMEOUT
     conn = await open_connection(address, timeout=timeout)
     try:
         hello = await conn.recv(timeout=timeout)

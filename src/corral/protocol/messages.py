@@ -1,9 +1,11 @@
 """Every op of the wire protocol, declared once as a typed dataclass.
 
 A message on the wire is a msgpack map ``{"op": NAME, field: value, ...}``.
-Fields whose value is ``None`` may be omitted.  :func:`decode_message`
-validates a received map strictly (unknown op, missing or mistyped field all
-raise :class:`ProtocolError`) and returns the typed message; the
+Fields whose value is ``None`` may be omitted: an optional field sent as
+``None`` takes its default.  Fields this side does not know are ignored.
+:func:`decode_message` validates a received map strictly (unknown op, missing
+or mistyped field, non-string map key all raise :class:`ProtocolError` naming
+the op and the field) and returns the typed message; the
 :class:`~corral.protocol.codec.Encoder` turns typed messages back into maps.
 ``docs/protocol.md`` documents each op; keep the two in step.
 """
@@ -18,6 +20,14 @@ from typing import Any, ClassVar, TypeVar, Union
 
 from ..errors import ProtocolError
 from .serialize import Payload
+
+if typing.TYPE_CHECKING:
+    from typing_extensions import dataclass_transform
+else:
+
+    def dataclass_transform(**kwargs: Any) -> Callable[[Any], Any]:
+        return lambda decorator: decorator
+
 
 PROTOCOL_VERSION = 1
 
@@ -34,35 +44,19 @@ class Record:
     _converters: ClassVar[dict[str, tuple[Converter, bool]]]
 
     def to_wire(self) -> dict[str, Any]:
-        """Return the map sent on the wire (``None`` fields left out)."""
-        out: dict[str, Any] = {}
-        op = getattr(type(self), "op", None)
-        if op is not None:
-            out["op"] = op
-        for name in self._converters:
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        return out
+        """Return the map sent on the wire (``None`` fields left out).
+
+        Generated per class by :func:`record`.
+        """
+        raise NotImplementedError
 
     @classmethod
     def from_wire(cls, obj: Any) -> Any:
-        """Validate a received map and build the record."""
-        if not isinstance(obj, dict):
-            raise ProtocolError(f"{cls.__name__} must be a map, not {type(obj).__name__}")
-        kwargs = {}
-        for name, (convert, required) in cls._converters.items():
-            if name in obj:
-                value = obj[name]
-                kwargs[name] = None if value is None and not required else convert(value)
-            elif required:
-                raise ProtocolError(f"{cls.__name__} is missing the field {name!r}")
-        try:
-            return cls(**kwargs)
-        except ProtocolError:
-            raise
-        except Exception as exc:
-            raise ProtocolError(f"invalid {cls.__name__}: {exc}") from None
+        """Validate a received map and build the record.
+
+        Generated per class by :func:`record`.
+        """
+        raise NotImplementedError
 
 
 class Message(Record):
@@ -89,6 +83,27 @@ def _number(value: Any) -> Any:
 
 def _any(value: Any) -> Any:
     return value
+
+
+def _at(convert: Converter, value: Any, where: str) -> Any:
+    """Convert an item of a container, naming the item in the error."""
+    try:
+        return convert(value)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{where}: {exc}") from None
+
+
+def _string_keys(check: Converter) -> Converter:
+    """Wrap a map check: every key must be a string (ids, keys and names are)."""
+
+    def check_keys(value: Any) -> Any:
+        value = check(value)
+        for k in value:
+            if type(k) is not str:
+                raise ProtocolError(f"map keys must be strings, got {type(k).__name__}")
+        return value
+
+    return check_keys
 
 
 def _payload(value: Any) -> Payload:
@@ -127,14 +142,16 @@ def _converter(tp: Any) -> Converter:
         check = _expect(list, "an array")
         if item_conv is _any:
             return check
-        return lambda v: [item_conv(x) for x in check(v)]
+        return lambda v: [_at(item_conv, x, f"item {i}") for i, x in enumerate(check(v))]
     if origin is dict:
-        _, value_tp = typing.get_args(tp) or (Any, Any)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
         value_conv = _converter(value_tp)
         check = _expect(dict, "a map")
+        if key_tp is str:
+            check = _string_keys(check)
         if value_conv is _any:
             return check
-        return lambda v: {k: value_conv(x) for k, x in check(v).items()}
+        return lambda v: {k: _at(value_conv, x, f"key {k!r}") for k, x in check(v).items()}
     if tp is list:
         return _expect(list, "an array")
     if tp is dict:
@@ -145,6 +162,7 @@ def _converter(tp: Any) -> Converter:
 R = TypeVar("R", bound=type[Record])
 
 
+@dataclass_transform(field_specifiers=(dataclasses.field,))
 def record(cls: R) -> R:
     """Class decorator: make ``cls`` a slotted dataclass with validating converters."""
     dc: Any = dataclasses.dataclass(slots=True)(cls)
@@ -154,12 +172,99 @@ def record(cls: R) -> R:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         converters[f.name] = (_converter(hints[f.name]), required)
     dc._converters = converters
+    dc.to_wire = _generate_to_wire(dc)
+    dc.from_wire = classmethod(_generate_from_wire(dc))
     op = getattr(dc, "op", None)
     if op is not None:
         if op in OPS:
             raise TypeError(f"op {op!r} declared twice")
         OPS[op] = dc
     return typing.cast(R, dc)
+
+
+_INLINE_CHECKS = {str: "str", bool: "bool"}
+_MISSING = object()
+
+
+def _generate_to_wire(cls: Any) -> Callable[[Any], dict[str, Any]]:
+    # Generated code: the hot path encodes tens of thousands of messages a second.
+    op = getattr(cls, "op", None)
+    lines = ["def to_wire(self):", f"    out = {{'op': {op!r}}}" if op else "    out = {}"]
+    for name in cls._converters:
+        lines += [f"    v = self.{name}", "    if v is not None:", f"        out[{name!r}] = v"]
+    lines.append("    return out")
+    namespace: dict[str, Any] = {}
+    exec("\n".join(lines), namespace)
+    return typing.cast(Callable[[Any], dict[str, Any]], namespace["to_wire"])
+
+
+def _generate_from_wire(cls: Any) -> Callable[..., Any]:
+    # Generated code with inline type checks: decoding is on every message's path.
+    hints = typing.get_type_hints(cls)
+    env: dict[str, Any] = {"ProtocolError": ProtocolError, "MISSING": _MISSING, "cls": cls}
+    op = getattr(cls, "op", None)
+    name_of = f"{op} ({cls.__name__})" if op is not None else cls.__name__
+    lines = [
+        "def from_wire(_cls, obj):",
+        "    if type(obj) is not dict:",
+        f"        raise ProtocolError('{name_of} must be a map, not ' + type(obj).__name__)",
+        "    get = obj.get",
+    ]
+    args = []
+    for f in dataclasses.fields(cls):
+        convert, required = cls._converters[f.name]
+        env[f"conv_{f.name}"] = convert
+        tp = hints[f.name]
+        convert_lines = [
+            "    try:",
+            f"        v = conv_{f.name}(v)",
+            "    except ProtocolError as e:",
+            f"        raise ProtocolError({f'{name_of} field {f.name!r}: '!r} + str(e)) from None",
+        ]
+        lines.append(f"    v = get({f.name!r}, MISSING)")
+        if required:
+            lines += [
+                "    if v is MISSING:",
+                f"        raise ProtocolError({f'{name_of} is missing the field {f.name!r}'!r})",
+            ]
+            if tp in _INLINE_CHECKS:
+                t = _INLINE_CHECKS[tp]
+                lines += [
+                    f"    if type(v) is not {t}:",
+                    "        raise ProtocolError("
+                    f"{f'{name_of} field {f.name!r}: expected {t}, got '!r} + type(v).__name__)",
+                ]
+            else:
+                lines += convert_lines
+        else:
+            if f.default_factory is not dataclasses.MISSING:
+                env[f"default_{f.name}"] = f.default_factory
+                default = f"default_{f.name}()"
+            else:
+                env[f"default_{f.name}"] = f.default
+                default = f"default_{f.name}"
+            lines += [
+                "    if v is MISSING or v is None:",
+                f"        v = {default}",
+                "    else:",
+                *("    " + line for line in convert_lines),
+            ]
+        lines.append(f"    f_{f.name} = v")
+        args.append(f"{f.name}=f_{f.name}")
+    lines.append(f"    return cls({', '.join(args)})")
+    source = "\n".join(lines)
+    exec(source, env)
+    generated = env["from_wire"]
+
+    def from_wire(_cls: Any, obj: Any) -> Any:
+        try:
+            return generated(_cls, obj)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"invalid {name_of}: {exc}") from None
+
+    return from_wire
 
 
 def decode_message(obj: dict[str, Any]) -> Message:
@@ -193,7 +298,7 @@ class TaskSpec(Record):
     args: Payload  # (args, kwargs) for python; for other runtimes see protocol.md
     fn: str | None = None  # id into UpdateGraph.functions
     deps: list[str] = dataclasses.field(default_factory=list)
-    priority: list[Any] = dataclasses.field(default_factory=list)
+    priority: list[float] = dataclasses.field(default_factory=list)
     resources: dict[str, float] | None = None
     workers: list[str] | None = None
     allow_other_workers: bool = False
@@ -213,7 +318,7 @@ class ComputeTask(Record):
     fn: str | None = None
     who_has: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     nbytes: dict[str, int] = dataclasses.field(default_factory=dict)
-    priority: list[Any] = dataclasses.field(default_factory=list)
+    priority: list[float] = dataclasses.field(default_factory=list)
     resources: dict[str, float] | None = None
     send_result: bool = False
 
@@ -273,7 +378,7 @@ class RegisterWorker(Message):
     nthreads: int
     name: str | None = None
     memory_limit: int = 0
-    resources: dict[str, Any] = dataclasses.field(default_factory=dict)
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
     pid: int = 0
     runtime: str = "python"
     versions: dict[str, Any] | None = None

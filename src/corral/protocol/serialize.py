@@ -95,6 +95,9 @@ def _dumps_pickle(obj: Any) -> list[Frame]:
 
     try:
         head = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+        if b"__main__" in head:
+            # Something from the user's script or notebook: workers must get it by value.
+            raise pickle.PicklingError("refers to __main__")
     except Exception:
         buffers.clear()
         head = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
@@ -148,6 +151,8 @@ def deserialize(payload: Payload) -> Any:
         head, *buffers = payload.frames
         return pickle.loads(head, buffers=buffers)
     if payload.serializer == "msgpack":
+        if not payload.frames:
+            raise SerializationError("msgpack payload has no frames")
         return msgpack.unpackb(payload.frames[0], raw=False, strict_map_key=False)
     raise SerializationError(f"unknown serializer {payload.serializer!r}")
 

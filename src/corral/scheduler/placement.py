@@ -65,8 +65,8 @@ def choose_worker(ts: TaskState, workers: dict[str, WorkerInfo]) -> WorkerInfo |
     if not workers:
         return None
     if not ts.workers and not ts.resources and not ts.runtime and not ts.deps:
-        # The hot path of a plain ``map``: least loaded worker, no filtering.
-        return min(workers.values(), key=_load)
+        # The hot path of a plain ``map``: least loaded Python worker.
+        return min((ws for ws in workers.values() if ws.runtime == "python"), key=_load, default=None)
     pool = candidates(ts, workers)
     if not pool:
         return None

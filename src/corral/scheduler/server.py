@@ -271,6 +271,7 @@ class Scheduler:
             "type": "Scheduler",
             "id": self.id,
             "address": self.address,
+            "pid": os.getpid(),
             "started": self.started,
             "workers": {
                 addr: self.state.worker_info(ws) for addr, ws in self.state.workers.items()

@@ -19,6 +19,7 @@ tasks ready; one batched pass at the end of each stimulus places them.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -172,14 +173,13 @@ class WorkerInfo:
         return f"<Worker {self.address} processing={len(self.processing)}>"
 
 
+_PREFIX = re.compile(r"""\(?['"]?([^-',"() ]*)""")
+
+
 def key_prefix(key: str) -> str:
     """The group a key belongs to: ``inc-1a2b`` -> ``inc``, ``('x', 0)`` -> ``x``."""
-    if key.startswith("("):
-        key = key[1:].lstrip("'\"")
-    for i, ch in enumerate(key):
-        if ch in "-',\" ":
-            return key[:i] or key
-    return key
+    match = _PREFIX.match(key)
+    return (match.group(1) if match else "") or key
 
 
 # Internal events produced by the IO layer -------------------------------------------
@@ -224,6 +224,9 @@ class SchedulerState:
         self._compute: dict[WorkerInfo, list[ComputeTask]] = {}
         self._stimulus = ""
         self._stimulus_ids = itertools.count()
+        # Run ids are unique across records, so a late report of a run freed
+        # before its key was submitted again never passes for the new run.
+        self._run_ids = itertools.count(1)
         self._handlers = {
             UpdateGraph: self._update_graph,
             TaskFinished: self._task_finished,
@@ -258,6 +261,14 @@ class SchedulerState:
             self._outbox[to] = [msg]
         else:
             box.append(msg)
+
+    def _free(self, worker: str, key: str) -> None:
+        """Tell ``worker`` to forget ``key``; consecutive frees share one message."""
+        box = self._outbox.get(worker)
+        if box and type(box[-1]) is FreeKeys:
+            box[-1].keys.append(key)  # type: ignore[attr-defined]
+        else:
+            self._send(worker, FreeKeys(keys=[key]))
 
     def _move(self, ts: TaskState, finish: str) -> None:
         start = ts.state
@@ -454,7 +465,7 @@ class SchedulerState:
                 worker = dts.processing_on
                 self._unassign(dts)
                 if worker is not None:
-                    self._send(worker.address, FreeKeys(keys=[dts.key]))
+                    self._free(worker.address, dts.key)
                 self._move(dts, "waiting")
                 dts.waiting_on = {d for d in dts.deps if d.state != "memory"}
             elif dts.state in ("waiting", "no-worker"):
@@ -527,8 +538,11 @@ class SchedulerState:
         if ts is None:
             ws = self.workers.get(source)
             known = self.tasks.get(msg.key)
-            if ws is not None and (known is None or ws not in known.who_has):
-                self._send(source, FreeKeys(keys=[msg.key]))
+            # Not to the worker running the current run: FreeKeys would cancel it.
+            if ws is not None and (
+                known is None or (ws not in known.who_has and known.processing_on is not ws)
+            ):
+                self._free(source, msg.key)
             return
         ws = ts.processing_on
         assert ws is not None
@@ -585,7 +599,7 @@ class SchedulerState:
                 worker = t.processing_on
                 self._unassign(t)
                 if worker is not None:
-                    self._send(worker.address, FreeKeys(keys=[t.key]))
+                    self._free(worker.address, t.key)
             if t.state == "no-worker":
                 self.unrunnable.pop(t, None)
             self._move(t, "erred")
@@ -669,7 +683,7 @@ class SchedulerState:
                 worker = ts.processing_on
                 self._unassign(ts)
                 if worker is not None:
-                    self._send(worker.address, FreeKeys(keys=[ts.key]))
+                    self._free(worker.address, ts.key)
             elif ts.state == "no-worker":
                 self.unrunnable.pop(ts, None)
             ts.waiting_on = set()
@@ -685,7 +699,7 @@ class SchedulerState:
         for ws in ts.who_has:
             ws.has_what.discard(ts)
             ws.nbytes -= ts.nbytes
-            self._send(ws.address, FreeKeys(keys=[ts.key]))
+            self._free(ws.address, ts.key)
         ts.who_has.clear()
 
     def _forget_if_unneeded(self, root: TaskState) -> None:
@@ -740,7 +754,7 @@ class SchedulerState:
     def _assign(self, ts: TaskState, ws: WorkerInfo) -> None:
         self._move(ts, "processing")
         ts.processing_on = ws
-        ts.run_id += 1
+        ts.run_id = next(self._run_ids)
         ts.duration = self.durations.get(ts.prefix, DEFAULT_DURATION)
         ws.processing.add(ts)
         ws.occupancy += ts.duration

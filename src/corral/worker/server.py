@@ -52,6 +52,7 @@ from .state import (
 logger = logging.getLogger("corral.worker")
 
 HEARTBEAT_INTERVAL = 1.0
+BUSY_FLUSH_DELAY = 0.002
 
 
 class Worker:
@@ -271,7 +272,8 @@ class Worker:
                 for key in inst.keys:
                     self.data.pop(key, None)
         if sends and self._scheduler is not None and not self._scheduler.closed:
-            self._scheduler.send_many(sends)
+            # Busy (work queued here): let reports gather for a moment; idle: send now.
+            self._scheduler.send_many(sends, delay=BUSY_FLUSH_DELAY if self.state.queued else 0.0)
         if not self.state.tasks:
             self.functions.trim()
 

@@ -170,8 +170,14 @@ class _Log:
 class WorkerState:
     """Everything a worker knows about its tasks, and the rules that change it."""
 
-    def __init__(self, nthreads: int, resources: dict[str, float] | None = None) -> None:
+    def __init__(
+        self, nthreads: int, resources: dict[str, float] | None = None, prefetch: int | None = None
+    ) -> None:
         self.nthreads = nthreads
+        # Tasks handed to the thread pool beyond one per thread, so a thread can
+        # start its next task while the event loop reports the last one.  Only
+        # tasks without resource demands are prefetched.
+        self.prefetch = nthreads if prefetch is None else prefetch
         self.tasks: dict[str, WTask] = {}
         self.total_resources: dict[str, float] = dict(resources or {})
         self.available_resources: dict[str, float] = dict(self.total_resources)
@@ -422,9 +428,17 @@ class WorkerState:
         avail = self.available_resources
         return all(avail.get(name, 0) >= amount for name, amount in ts.resources.items())
 
+    @property
+    def queued(self) -> int:
+        """Tasks ready to run but not yet handed to a thread."""
+        return len(self._ready) + len(self._constrained)
+
     def _ensure_computing(self) -> None:
-        while len(self.executing) < self.nthreads:
-            ts = self._next_runnable()
+        while True:
+            running = len(self.executing)
+            if running >= self.nthreads + self.prefetch:
+                return
+            ts = self._next_runnable(prefetching=running >= self.nthreads)
             if ts is None:
                 return
             if ts.resources:
@@ -435,9 +449,9 @@ class WorkerState:
             assert ts.spec is not None
             self._out.append(Execute(ts.key, ts.spec))
 
-    def _next_runnable(self) -> WTask | None:
+    def _next_runnable(self, prefetching: bool) -> WTask | None:
         # Resource-constrained tasks first (they are older); never oversubscribe.
-        while self._constrained:
+        while self._constrained and not prefetching:
             _, _, ts = self._constrained[0]
             if ts.state != "constrained":
                 heapq.heappop(self._constrained)
@@ -447,6 +461,9 @@ class WorkerState:
             heapq.heappop(self._constrained)
             return ts
         while self._ready:
+            ts = self._ready[0][2]
+            if ts.state == "ready" and prefetching and ts.resources:
+                return None
             prio, order, ts = heapq.heappop(self._ready)
             if ts.state != "ready":
                 continue
@@ -496,7 +513,7 @@ class WorkerState:
         for name, total in self.total_resources.items():
             assert used.get(name, 0) <= total + 1e-9, f"{name} oversubscribed"
             assert abs(self.available_resources[name] - (total - used.get(name, 0))) < 1e-9
-        assert len(self.executing) <= self.nthreads
+        assert len(self.executing) <= self.nthreads + self.prefetch
         for ts in self.tasks.values():
             if ts.state == "waiting":
                 assert ts.waiting_for, ts

@@ -1,0 +1,137 @@
+"""Dask collections computed on Corral: ``client.get`` as a dask scheduler, compute, persist."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral import Client, Future, LocalCluster, wait
+
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+db = pytest.importorskip("dask.bag")
+np = pytest.importorskip("numpy")
+pd = pytest.importorskip("pandas")
+dd = pytest.importorskip("dask.dataframe")
+
+
+@pytest.fixture(scope="module")
+def c():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+@pytest.fixture
+def array():
+    return da.arange(1000, chunks=100).reshape(10, 100).rechunk((5, 50))
+
+
+@pytest.fixture
+def bag():
+    return db.from_sequence(range(100), npartitions=7)
+
+
+@pytest.fixture
+def frame():
+    pdf = pd.DataFrame(
+        {"g": [i % 4 for i in range(200)], "x": range(200), "y": [i * 0.5 for i in range(200)]}
+    )
+    return pdf, dd.from_pandas(pdf, npartitions=5)
+
+
+# -- dask.compute(..., scheduler=client.get) -------------------------------------------------
+def test_array_compute_with_client_get(c, array):
+    expr = (array * 2 + 1).sum(axis=0)
+    expected = expr.compute(scheduler="sync")
+    got = expr.compute(scheduler=c.get)
+    np.testing.assert_array_equal(got, expected)
+    (both,) = dask.compute(expr, scheduler=c.get)
+    np.testing.assert_array_equal(both, expected)
+
+
+def test_array_full_result_and_several_collections(c, array):
+    x = array.T @ array
+    y = array.mean()
+    gx, gy = dask.compute(x, y, scheduler=c.get)
+    ex, ey = dask.compute(x, y, scheduler="sync")
+    np.testing.assert_array_equal(gx, ex)
+    assert gy == ey
+
+
+def test_bag_compute_with_client_get(c, bag):
+    expr = bag.map(lambda v: v * 3).filter(lambda v: v % 2 == 0)
+    assert expr.compute(scheduler=c.get) == expr.compute(scheduler="sync")
+    freq = bag.map(lambda v: v % 5).frequencies()
+    assert sorted(freq.compute(scheduler=c.get)) == sorted(freq.compute(scheduler="sync"))
+    assert bag.sum().compute(scheduler=c.get) == sum(range(100))
+
+
+def test_dataframe_compute_with_client_get(c, frame):
+    pdf, ddf = frame
+    agg = ddf.groupby("g").x.sum()
+    pd.testing.assert_series_equal(agg.compute(scheduler=c.get), pdf.groupby("g").x.sum())
+    filtered = ddf[ddf.x > 50].y.mean()
+    assert filtered.compute(scheduler=c.get) == pytest.approx(pdf[pdf.x > 50].y.mean())
+    whole = (ddf.assign(z=ddf.x + ddf.y)).compute(scheduler=c.get)
+    pd.testing.assert_frame_equal(whole, pdf.assign(z=pdf.x + pdf.y))
+
+
+def test_delayed_compute_with_client_get(c):
+    @dask.delayed
+    def add(a, b):
+        return a + b
+
+    out = add(add(1, 2), add(3, 4))
+    assert out.compute(scheduler=c.get) == 10
+    assert dask.compute({"a": out, "b": [out, 5]}, scheduler=c.get) == ({"a": 10, "b": [10, 5]},)
+
+
+def test_collection_error_raises_original_type(c):
+    @dask.delayed
+    def boom(x):
+        raise KeyError(x)
+
+    with pytest.raises(KeyError):
+        boom(3).compute(scheduler=c.get)
+
+
+# -- client.compute / client.persist ---------------------------------------------------------
+def test_client_compute_returns_future(c, array, frame):
+    fut = c.compute(array.sum())
+    assert isinstance(fut, Future)
+    assert fut.result() == array.sum().compute(scheduler="sync")
+
+    pdf, ddf = frame
+    futs = c.compute([ddf.x.max(), array.max()])
+    assert isinstance(futs, list) and all(isinstance(f, Future) for f in futs)
+    assert c.gather(futs) == [pdf.x.max(), 999]
+
+    np.testing.assert_array_equal(c.compute(array, sync=True), np.arange(1000).reshape(10, 100))
+
+
+def test_client_compute_bag(c, bag):
+    fut = c.compute(bag.map(lambda v: v + 1))
+    assert fut.result() == list(range(1, 101))
+
+
+def test_persist_then_compute_through_client_get(c, array):
+    y = c.persist(array + 1)
+    # the persisted collection's graph holds one future per chunk, nothing to recompute
+    keys = list(dask.core.flatten(y.__dask_keys__()))
+    graph = dict(y.__dask_graph__())
+    assert len(graph) == len(keys) == 4
+    assert all(isinstance(v, Future) for v in graph.values())
+    wait(list(graph.values()))
+    who = c.who_has()
+    assert all(who.get(str(k)) for k in keys)
+    np.testing.assert_array_equal(y.compute(scheduler=c.get), np.arange(1000).reshape(10, 100) + 1)
+    assert (y * 2).sum().compute(scheduler=c.get) == int(((np.arange(1000) + 1) * 2).sum())
+    assert c.compute(y.sum()).result() == int((np.arange(1000) + 1).sum())
+
+
+def test_persist_dataframe_and_several(c, frame, bag):
+    pdf, ddf = frame
+    pddf, pbag = c.persist([ddf[ddf.x % 2 == 0], bag.map(lambda v: -v)])
+    pd.testing.assert_frame_equal(pddf.compute(scheduler=c.get), pdf[pdf.x % 2 == 0])
+    assert pbag.compute(scheduler=c.get) == [-v for v in range(100)]
+    assert pddf.x.sum().compute(scheduler=c.get) == pdf[pdf.x % 2 == 0].x.sum()
