@@ -12,6 +12,7 @@ import socket
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -25,15 +26,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-def asyncio_ping_pong(round_trips: int = 2000, size: int = 64, warmup: int = 200) -> list[float]:
+def asyncio_ping_pong(
+    round_trips: int = 2000,
+    size: int = 64,
+    warmup: int = 200,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+) -> list[float]:
     """Measure asyncio TCP round trips between two threads; return seconds each.
 
     An echo server runs in one thread's event loop, a client in another
     thread's loop sends ``size`` bytes and waits for the echo.  The first
-    ``warmup`` round trips are discarded.
+    ``warmup`` round trips are discarded.  ``loop_factory`` makes both
+    loops (pass ``uvloop.new_event_loop`` to measure uvloop).
     """
     ready = threading.Event()
-    server_loop = asyncio.new_event_loop()
+    server_loop = loop_factory()
     port_box: list[int] = []
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -74,10 +81,13 @@ def asyncio_ping_pong(round_trips: int = 2000, size: int = 64, warmup: int = 200
         await writer.wait_closed()
 
     def client() -> None:
+        loop = loop_factory()
         try:
-            asyncio.run(ping())
+            loop.run_until_complete(ping())
         except BaseException as exc:  # re-raised in the calling thread
             errors.append(exc)
+        finally:
+            loop.close()
 
     server_thread = threading.Thread(target=serve, name="raw-echo-server", daemon=True)
     server_thread.start()
@@ -91,6 +101,22 @@ def asyncio_ping_pong(round_trips: int = 2000, size: int = 64, warmup: int = 200
     if errors:
         raise errors[0]
     return samples
+
+
+def ping_pong_p50s(
+    rounds: int = 5,
+    round_trips: int = 2000,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+) -> list[float]:
+    """Return the p50 round trip (seconds) of each of ``rounds`` ping-pong runs.
+
+    On a small machine the result is bimodal from run to run (thread
+    placement), so callers should take the median of these.
+    """
+    return [
+        percentile(asyncio_ping_pong(round_trips, loop_factory=loop_factory), 50)
+        for _ in range(rounds)
+    ]
 
 
 def tcp_copy_seconds(nbytes: int) -> float:

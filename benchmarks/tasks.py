@@ -48,9 +48,16 @@ def nbytes_of(array: Any) -> int:
     return int(array.nbytes)
 
 
-def checksum(array: Any) -> float:
-    """Return the sum of ``array`` as a Python float."""
-    return float(array.sum())
+def checksum(array: Any) -> int:
+    """Return an exact checksum of ``array``'s bytes (wrapping uint64 sum).
+
+    Integer addition is associative, so unlike a float sum the result does
+    not depend on the buffer's alignment or on how NumPy blocks the loop.
+    """
+    import numpy as np
+
+    words = np.ascontiguousarray(array).view(np.uint64)
+    return int(words.sum(dtype=np.uint64))
 
 
 def timed_sleep(duration: float, index: int) -> tuple[int, int, float, float]:

@@ -9,14 +9,34 @@ end-to-end promises at quiescence.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from state_helpers import ARGS, FN, W1, W2, W3, W4, Sched, compute, ctask, erred, error, finished
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from state_helpers import (
+    ARGS,
+    FN,
+    W1,
+    W2,
+    W3,
+    W4,
+    Sched,
+    compute,
+    ctask,
+    erred,
+    error,
+    finished,
+    spec,
+)
 from state_helpers import register as reg
-from state_helpers import spec
 
 from corral.protocol.messages import (
     AddKeys,
     CancelKeys,
+    Compute,
+    ComputeTask,
     ErrorInfo,
     FreeKeys,
     KeyCancelled,
@@ -27,11 +47,18 @@ from corral.protocol.messages import (
     Scatter,
     Store,
     TaskFinished,
+    TaskSpec,
     UpdateGraph,
     UpdateWhoHas,
 )
 from corral.protocol.serialize import Payload
-from corral.scheduler.state import ClientJoined, ClientLeft, InvalidTransition, WorkerLeft
+from corral.scheduler.state import (
+    ClientJoined,
+    ClientLeft,
+    InvalidTransition,
+    SchedulerState,
+    WorkerLeft,
+)
 
 C1 = "client-1"
 C2 = "client-2"
@@ -55,20 +82,20 @@ def test_chain_runs_in_order_and_frees_intermediates():
 
     out = s(W1, finished("a", nbytes=100))
     # b goes where its input already is; a stays while b needs it.
-    assert out == {W1: [compute(ctask("b", who_has={"a": [W1]}, nbytes={"a": 100}))]}
+    assert out == {W1: [compute(ctask("b", run_id=2, who_has={"a": [W1]}, nbytes={"a": 100}))]}
 
-    out = s(W1, finished("b", nbytes=50))
+    out = s(W1, finished("b", run_id=2, nbytes=50))
     # b's dependent is placed; a is no longer needed by anyone: freed.
     assert out == {
         W1: [
             FreeKeys(keys=["a"]),
-            compute(ctask("c", who_has={"b": [W1]}, nbytes={"b": 50}, send_result=True)),
+            compute(ctask("c", run_id=3, who_has={"b": [W1]}, nbytes={"b": 50}, send_result=True)),
         ]
     }
     assert s.states() == {"a": "released", "b": "memory", "c": "processing"}
 
     result = Payload("pickle", [b"42"])
-    out = s(W1, TaskFinished(key="c", run_id=1, nbytes=8, typename="int", result=result))
+    out = s(W1, TaskFinished(key="c", run_id=3, nbytes=8, typename="int", result=result))
     assert out == {
         C1: [KeyInMemory(key="c", who_has=[W1], typename="int", result=result)],
         W1: [FreeKeys(keys=["b"])],
@@ -96,21 +123,21 @@ def test_independent_tasks_spread_over_workers_and_functions_travel_once():
     assert out == {
         W1: [
             compute(
-                ctask("inc-0", fn="f1", send_result=True),
-                ctask("inc-2", fn="f1", send_result=True),
+                ctask("inc-0", run_id=1, fn="f1", send_result=True),
+                ctask("inc-2", run_id=3, fn="f1", send_result=True),
                 functions={"f1": FN},
             )
         ],
         W2: [
             compute(
-                ctask("inc-1", fn="f1", send_result=True),
-                ctask("inc-3", fn="f1", send_result=True),
+                ctask("inc-1", run_id=2, fn="f1", send_result=True),
+                ctask("inc-3", run_id=4, fn="f1", send_result=True),
                 functions={"f1": FN},
             )
         ],
     }
     for i in range(4):
-        s(W1 if i % 2 == 0 else W2, finished(f"inc-{i}"))
+        s(W1 if i % 2 == 0 else W2, finished(f"inc-{i}", run_id=i + 1))
     s(C1, ReleaseKeys(keys=[t.key for t in tasks]))
     assert s.tasks == {}
     # The function's payload is dropped with its last task.
@@ -128,14 +155,18 @@ def test_data_locality_sends_a_dependent_to_its_large_input():
         s = Sched(W1, W2)
         tasks = [spec("x", priority=[0]), spec("y", priority=[1]), spec("z", "x", "y")]
         out = submit(s, C1, tasks, ["z"])
-        assert out == {W1: [compute(ctask("x", priority=[0]))], W2: [compute(ctask("y", priority=[1]))]}
-        assert s(W1, finished("x", nbytes=nbytes["x"])) == {}
-        out = s(W2, finished("y", nbytes=nbytes["y"]))
+        assert out == {
+            W1: [compute(ctask("x", run_id=1, priority=[0]))],
+            W2: [compute(ctask("y", run_id=2, priority=[1]))],
+        }
+        assert s(W1, finished("x", run_id=1, nbytes=nbytes["x"])) == {}
+        out = s(W2, finished("y", run_id=2, nbytes=nbytes["y"]))
         assert out == {
             big_on: [
                 compute(
                     ctask(
                         "z",
+                        run_id=3,
                         who_has={"x": [W1], "y": [W2]},
                         nbytes=nbytes,
                         send_result=True,
@@ -155,7 +186,9 @@ def test_data_locality_gives_way_to_a_busy_holder():
     submit(s, C1, busy, [t.key for t in busy])
     out = submit(s, C1, [spec("z", "x")], ["z"])
     assert out == {
-        W2: [compute(ctask("z", who_has={"x": [W1]}, nbytes={"x": 10}, send_result=True))]
+        W2: [
+            compute(ctask("z", run_id=12, who_has={"x": [W1]}, nbytes={"x": 10}, send_result=True))
+        ]
     }
 
 
@@ -163,9 +196,13 @@ def test_shared_input_is_freed_only_after_its_last_dependent():
     s = Sched(W1)
     submit(s, C1, [spec("a"), spec("b", "a"), spec("c", "a")], ["b", "c"])
     out = s(W1, finished("a"))
-    assert [t.key for t in out[W1][0].tasks] == sorted(t.key for t in out[W1][0].tasks)
-    assert s(W1, finished("b")) == {C1: [KeyInMemory(key="b", who_has=[W1], typename="int")]}
-    assert s(W1, finished("c")) == {
+    ((batch,),) = out.values()
+    run = {t.key: t.run_id for t in batch.tasks}
+    assert sorted(run) == ["b", "c"]
+    assert s(W1, finished("b", run["b"])) == {
+        C1: [KeyInMemory(key="b", who_has=[W1], typename="int")]
+    }
+    assert s(W1, finished("c", run["c"])) == {
         C1: [KeyInMemory(key="c", who_has=[W1], typename="int")],
         W1: [FreeKeys(keys=["a"])],
     }
@@ -220,14 +257,16 @@ def test_wanting_an_unknown_key_answers_cancelled():
 def test_released_input_is_recomputed_from_lineage_for_a_new_dependent():
     s = Sched(W1)
     submit(s, C1, [spec("a"), spec("b", "a")], ["b"])
-    s(W1, finished("a"))
-    s(W1, finished("b"))
+    s(W1, finished("a", run_id=1))
+    s(W1, finished("b", run_id=2))
     assert s.states() == {"a": "released", "b": "memory"}
     # A new task needs a again: its record is still there, so it is recomputed.
     out = submit(s, C1, [spec("c", "a")], ["c"])
-    assert out == {W1: [compute(ctask("a", run_id=2))]}
-    out = s(W1, finished("a", run_id=2))
-    assert out == {W1: [compute(ctask("c", who_has={"a": [W1]}, nbytes={"a": 8}, send_result=True))]}
+    assert out == {W1: [compute(ctask("a", run_id=3))]}
+    out = s(W1, finished("a", run_id=3))
+    assert out == {
+        W1: [compute(ctask("c", run_id=4, who_has={"a": [W1]}, nbytes={"a": 8}, send_result=True))]
+    }
 
 
 # ---------------------------------------------------------------------------------
@@ -287,7 +326,9 @@ def test_retry_that_succeeds_reports_memory():
     s = Sched(W1)
     submit(s, C1, [spec("a", retries=1)], ["a"])
     s(W1, erred("a", run_id=1))
-    assert s(W1, finished("a", run_id=2)) == {C1: [KeyInMemory(key="a", who_has=[W1], typename="int")]}
+    assert s(W1, finished("a", run_id=2)) == {
+        C1: [KeyInMemory(key="a", who_has=[W1], typename="int")]
+    }
 
 
 # ---------------------------------------------------------------------------------
@@ -300,16 +341,16 @@ def test_worker_loss_reschedules_processing_and_recomputes_lost_results():
     assert s.states() == {"a": "memory", "b": "processing"}
     # W1 dies while running b, holding the only copy of a.
     out = s(W1, WorkerLeft(W1))
-    assert out == {W2: [compute(ctask("a", run_id=2))]}
+    assert out == {W2: [compute(ctask("a", run_id=3))]}
     assert s.states() == {"a": "processing", "b": "waiting"}
     assert s.tasks["b"].suspicious == 1
-    out = s(W2, finished("a", run_id=2, nbytes=100))
+    out = s(W2, finished("a", run_id=3, nbytes=100))
     assert out == {
         W2: [
-            compute(ctask("b", run_id=2, who_has={"a": [W2]}, nbytes={"a": 100}, send_result=True))
+            compute(ctask("b", run_id=4, who_has={"a": [W2]}, nbytes={"a": 100}, send_result=True))
         ]
     }
-    assert s(W2, finished("b", run_id=2)) == {
+    assert s(W2, finished("b", run_id=4)) == {
         C1: [KeyInMemory(key="b", who_has=[W2], typename="int")],
         W2: [FreeKeys(keys=["a"])],
     }
@@ -323,10 +364,11 @@ def test_worker_loss_reschedules_processing_and_recomputes_lost_results():
 def test_worker_loss_recomputes_a_released_input_from_lineage():
     s = Sched(W1, W2)
     submit(s, C1, [spec("a", workers=[W1]), spec("b", "a", workers=[W1]), spec("c", "b")], ["c"])
-    s(W1, finished("a"))
-    s(W1, finished("b"))
+    s(W1, finished("a", run_id=1))
+    s(W1, finished("b", run_id=2))
     assert s.states() == {"a": "released", "b": "memory", "c": "processing"}
     s(W1, WorkerLeft(W1))
+    assert s.states() == {"a": "no-worker", "b": "waiting", "c": "waiting"}
     s(W1, reg(W1))
     # b's only copy went with W1 and a had been freed: both are computed again.
     assert s.states() == {"a": "processing", "b": "waiting", "c": "waiting"}
@@ -430,7 +472,9 @@ def test_scatter_stores_data_on_the_emptiest_worker_and_dependents_use_it():
     assert out == {W2: [Store(data={"y": data})]}
     assert s.states() == {"x": "memory", "y": "memory"}
     out = submit(s, C1, [spec("z", "x")], ["z"])
-    assert out == {W1: [compute(ctask("z", who_has={"x": [W1]}, nbytes={"x": 10}, send_result=True))]}
+    assert out == {
+        W1: [compute(ctask("z", who_has={"x": [W1]}, nbytes={"x": 10}, send_result=True))]
+    }
 
 
 def test_scatter_broadcast_stores_everywhere():
@@ -487,7 +531,7 @@ def test_restriction_by_name_and_by_host():
     out = submit(s, C1, [spec("a", workers=["alice"])], ["a"])
     assert out == {W1: [compute(ctask("a", send_result=True))]}
     out = submit(s, C1, [spec("b", workers=["10.0.0.2"])], ["b"])
-    assert out == {W2: [compute(ctask("b", send_result=True))]}
+    assert out == {W2: [compute(ctask("b", run_id=2, send_result=True))]}
 
 
 def test_allow_other_workers_relaxes_a_restriction_to_an_absent_worker():
@@ -541,7 +585,7 @@ def test_plain_task_never_goes_to_a_worker_of_another_runtime():
     assert s.state.why_pending("a") == "needs runtime 'python'; no worker runs it"
     assert s(W2, reg(W2)) == {W2: [compute(ctask("a", send_result=True))]}
     out = submit(s, C1, [spec("r", runtime="rust")], ["r"])
-    assert out == {W1: [compute(ctask("r", send_result=True))]}
+    assert out == {W1: [compute(ctask("r", run_id=2, send_result=True))]}
 
 
 # ---------------------------------------------------------------------------------
@@ -556,7 +600,9 @@ def test_stale_task_finished_is_ignored():
     assert s(W2, finished("a", run_id=1)) == {W2: [FreeKeys(keys=["a"])]}
     assert s(W2, erred("a", run_id=1)) == {}
     assert s.states() == {"a": "processing"}
-    assert s(W1, finished("a", run_id=1)) == {C1: [KeyInMemory(key="a", who_has=[W1], typename="int")]}
+    assert s(W1, finished("a", run_id=1)) == {
+        C1: [KeyInMemory(key="a", who_has=[W1], typename="int")]
+    }
     # A duplicate report from the holder changes nothing.
     assert s(W1, finished("a", run_id=1)) == {}
 
@@ -566,12 +612,15 @@ def test_finish_of_a_freed_run_does_not_cancel_the_new_run_on_the_same_worker():
     s = Sched(W1)
     submit(s, C1, [spec("a")], ["a"])
     assert s(C1, ReleaseKeys(keys=["a"])) == {W1: [FreeKeys(keys=["a"])]}
-    assert submit(s, C1, [spec("a")], ["a"]) == {W1: [compute(ctask("a", send_result=True))]}
-    # run_id restarts with the new record; make the old report distinguishable.
-    s.tasks["a"].run_id = 2
+    assert submit(s, C1, [spec("a")], ["a"]) == {
+        W1: [compute(ctask("a", run_id=2, send_result=True))]
+    }
+    # The late report of run 1 is neither taken for run 2 nor answered with FreeKeys.
     assert s(W1, finished("a", run_id=1)) == {}
     assert s.states() == {"a": "processing"}
-    assert s(W1, finished("a", run_id=2)) == {C1: [KeyInMemory(key="a", who_has=[W1], typename="int")]}
+    assert s(W1, finished("a", run_id=2)) == {
+        C1: [KeyInMemory(key="a", who_has=[W1], typename="int")]
+    }
 
 
 def test_stale_add_keys_frees_the_copy():
@@ -597,11 +646,11 @@ def test_missing_data_of_the_only_holder_recomputes_and_takes_the_dependent_back
     submit(s, C1, [spec("a", workers=[W1]), spec("b", "a", workers=[W2])], ["b"])
     s(W1, finished("a"))
     out = s(W2, MissingData(key="a", holder=W1))
-    assert out == {W2: [FreeKeys(keys=["b"])], W1: [compute(ctask("a", run_id=2))]}
+    assert out == {W2: [FreeKeys(keys=["b"])], W1: [compute(ctask("a", run_id=3))]}
     assert s.states() == {"a": "processing", "b": "waiting"}
-    out = s(W1, finished("a", run_id=2))
+    out = s(W1, finished("a", run_id=3))
     assert out == {
-        W2: [compute(ctask("b", run_id=2, who_has={"a": [W1]}, nbytes={"a": 8}, send_result=True))]
+        W2: [compute(ctask("b", run_id=4, who_has={"a": [W1]}, nbytes={"a": 8}, send_result=True))]
     }
 
 
@@ -651,3 +700,317 @@ def test_unknown_event_type_raises():
     s = Sched()
     with pytest.raises(TypeError, match="no handler for ErrorInfo"):
         s.state.handle(C1, [ErrorInfo(typename="x", message="y")])
+
+
+# ---------------------------------------------------------------------------------
+# Property test: random graphs, clients and workers, with a simulated execution loop
+# ---------------------------------------------------------------------------------
+POOL = (W1, W2, W3, W4)
+CLIENTS = (C1, C2)
+OFFERS = ({}, {"GPU": 1}, {"GPU": 2, "MEM": 0.5})
+FULL = {"GPU": 2, "MEM": 1}
+DEMANDS = (None, None, None, {"GPU": 1}, {"GPU": 2}, {"MEM": 0.5}, {"GPU": 0.5, "MEM": 0.25})
+FUNCTIONS = {"f0": Payload("pickle", [b"f0"]), "f1": Payload("pickle", [b"f1"])}
+
+
+class SimWorker:
+    """What a worker really runs and holds, as the scheduler's messages leave it."""
+
+    def __init__(self, address: str, resources: dict) -> None:
+        self.address = address
+        self.resources = resources
+        self.running: dict[str, ComputeTask] = {}
+        self.held: dict[str, int] = {}
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Clients submit random graphs, workers come and go and run what they are given.
+
+    After every stimulus: ``validate()``, and the scheduler's view matches what
+    the simulated workers really run and hold.  At the end every wanted key is
+    settled and, once the clients let go, nothing is left anywhere.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = SchedulerState(allowed_failures=2)
+        self.sim: dict[str, SimWorker] = {}
+        self.wanted: dict[str, set[str]] = {c: set() for c in CLIENTS}
+        self.last: dict[str, dict[str, Any]] = {c: {} for c in CLIENTS}
+        self.specs: dict[str, TaskSpec] = {}
+        self.counter = 0
+        self.scatter_id = 0
+        # Runs that finished on a worker before it read the FreeKeys that ended them.
+        self.stale: list[tuple[str, str, int]] = []
+
+    # -- driving --------------------------------------------------------------------
+    def handle(self, source: str, *events: Any) -> None:
+        out = self.s.handle(source, events)
+        self.s.validate()
+        for recipient, msgs in out.items():
+            if recipient in CLIENTS:
+                for m in msgs:
+                    self.to_client(recipient, m)
+            else:
+                assert recipient in self.sim, f"message to a worker not connected: {recipient}"
+                for m in msgs:
+                    self.to_worker(self.sim[recipient], m)
+        self.check_views()
+
+    def to_client(self, client: str, m: Any) -> None:
+        assert isinstance(m, KeyInMemory | KeyErred | KeyCancelled), m
+        assert m.key in self.wanted[client], (client, m)
+        self.last[client][m.key] = m
+        if isinstance(m, KeyInMemory):
+            assert m.who_has
+            for address in m.who_has:
+                assert m.key in self.sim[address].held, (m, address)
+
+    def to_worker(self, w: SimWorker, m: Any) -> None:
+        if isinstance(m, Compute):
+            for t in m.tasks:
+                assert t.key not in w.running, f"{t.key} assigned twice to {w.address}"
+                if t.fn is not None:
+                    assert m.functions[t.fn] == FUNCTIONS[t.fn]
+                for name, amount in (t.resources or {}).items():
+                    assert w.resources.get(name, 0) >= amount, (t, w.resources)
+                ts_spec = self.specs.get(t.key)
+                if ts_spec is not None and ts_spec.workers and not ts_spec.allow_other_workers:
+                    assert w.address in ts_spec.workers
+                for dep, holders in t.who_has.items():
+                    assert holders, f"{t.key} sent without a holder of {dep}"
+                    for h in holders:
+                        assert dep in self.sim[h].held, f"{h} said to hold {dep}"
+                w.running[t.key] = t
+        elif isinstance(m, FreeKeys):
+            for key in m.keys:
+                t = w.running.pop(key, None)
+                if t is not None:
+                    self.stale.append((w.address, key, t.run_id))
+                w.held.pop(key, None)
+        elif isinstance(m, Store):
+            for key in m.data:
+                w.held[key] = 10
+        else:
+            assert isinstance(m, UpdateWhoHas), m
+
+    def check_views(self) -> None:
+        assert set(self.s.workers) == set(self.sim)
+        for address, ws in self.s.workers.items():
+            w = self.sim[address]
+            assert {ts.key: ts.run_id for ts in ws.processing} == {
+                k: t.run_id for k, t in w.running.items()
+            }
+            held = {ts.key for ts in ws.has_what}
+            assert held <= set(w.held), f"{address} said to hold {held - set(w.held)}"
+            assert ws.nbytes == sum(ts.nbytes for ts in ws.has_what), address
+
+    def fresh_key(self, prefix: str = "t") -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    # -- workers --------------------------------------------------------------------
+    def join(self, address: str, resources: dict, nthreads: int = 1) -> None:
+        self.sim[address] = SimWorker(address, dict(resources))
+        self.handle(address, reg(address, nthreads=nthreads, resources=dict(resources)))
+
+    def leave(self, address: str, expected: bool) -> None:
+        del self.sim[address]
+        self.stale = [s for s in self.stale if s[0] != address]
+        self.handle(address, WorkerLeft(address, expected=expected))
+
+    @rule(address=st.sampled_from(POOL), offer=st.sampled_from(OFFERS), nthreads=st.integers(1, 2))
+    def worker_joins(self, address, offer, nthreads):
+        if address not in self.sim:
+            self.join(address, offer, nthreads)
+
+    @rule(address=st.sampled_from(POOL), expected=st.booleans())
+    def worker_leaves(self, address, expected):
+        if address in self.sim:
+            self.leave(address, expected)
+
+    def run_one(self, w: SimWorker, key: str, ok: bool, nbytes: int) -> None:
+        """``w`` fetches the inputs of ``key`` from their holders, then runs it."""
+        t = w.running[key]
+        fetched = {}
+        for dep, holders in t.who_has.items():
+            if dep in w.held:
+                continue
+            live = [h for h in holders if h in self.sim and dep in self.sim[h].held]
+            if not live:
+                gone = holders[0] if holders else ""
+                self.handle(w.address, MissingData(key=dep, holder=gone))
+                return
+            fetched[dep] = t.nbytes.get(dep, 0)
+        del w.running[key]
+        w.held.update(fetched)
+        events: list[Any] = [AddKeys(nbytes=fetched)] if fetched else []
+        if ok:
+            w.held[key] = nbytes
+            events.append(finished(key, t.run_id, nbytes=nbytes))
+        else:
+            events.append(erred(key, t.run_id, err=error("ValueError", key)))
+        self.handle(w.address, *events)
+
+    @precondition(lambda self: any(w.running for w in self.sim.values()))
+    @rule(data=st.data(), ok=st.sampled_from([True, True, True, False]))
+    def worker_runs_a_task(self, data, ok):
+        busy = sorted(a for a, w in self.sim.items() if w.running)
+        w = self.sim[data.draw(st.sampled_from(busy))]
+        key = data.draw(st.sampled_from(sorted(w.running)))
+        self.run_one(w, key, ok, data.draw(st.sampled_from([1, 100, 10**9])))
+
+    @precondition(lambda self: self.stale)
+    @rule(data=st.data(), ok=st.booleans())
+    def late_report_of_a_freed_run(self, data, ok):
+        address, key, run_id = self.stale.pop(data.draw(st.integers(0, len(self.stale) - 1)))
+        if ok:
+            # The worker dropped the result when it read FreeKeys.
+            self.handle(address, finished(key, run_id))
+        else:
+            self.handle(address, erred(key, run_id))
+
+    @precondition(lambda self: any(w.held for w in self.sim.values()))
+    @rule(data=st.data())
+    def holder_loses_a_replica(self, data):
+        """A holder lost a key (say it restarted its store); a peer reports MissingData."""
+        holding = sorted(a for a, w in self.sim.items() if w.held)
+        w = self.sim[data.draw(st.sampled_from(holding))]
+        key = data.draw(st.sampled_from(sorted(w.held)))
+        del w.held[key]
+        reporter = data.draw(st.sampled_from(sorted(self.sim)))
+        self.handle(reporter, MissingData(key=key, holder=w.address))
+
+    # -- clients --------------------------------------------------------------------
+    @rule(client=st.sampled_from(CLIENTS), data=st.data())
+    def client_submits(self, client, data):
+        batch: list[TaskSpec] = []
+        older = sorted(self.specs) + sorted(k for k in self.s.tasks if k not in self.specs)
+        for _ in range(data.draw(st.integers(1, 5), label="ntasks")):
+            if older and data.draw(st.integers(0, 9)) == 0:
+                # The same key again (known, or forgotten since): the earlier spec.
+                key = data.draw(st.sampled_from(older))
+                if key in self.specs:
+                    batch.append(self.specs[key])
+                continue
+            key = self.fresh_key()
+            candidates = [t.key for t in batch] + older[-8:]
+            if candidates:
+                deps = data.draw(st.lists(st.sampled_from(candidates), max_size=3, unique=True))
+            else:
+                deps = data.draw(st.sampled_from([[]] * 9 + [["never-submitted"]]))
+            restrict = data.draw(st.sampled_from([None] * 6 + [[a] for a in POOL]))
+            ts = spec(
+                key,
+                *deps,
+                fn=data.draw(st.sampled_from([None, "f0", "f1"])),
+                priority=[self.counter],
+                resources=data.draw(st.sampled_from(DEMANDS)),
+                workers=restrict,
+                allow_other_workers=bool(restrict) and data.draw(st.booleans()),
+                retries=data.draw(st.sampled_from([0, 0, 1])),
+            )
+            self.specs[key] = ts
+            batch.append(ts)
+        keys = [t.key for t in batch] + older[-4:]
+        wanted = data.draw(st.lists(st.sampled_from(keys), min_size=1, unique=True)) if keys else []
+        fns = {t.fn for t in batch if t.fn is not None}
+        self.wanted[client].update(wanted)
+        self.handle(
+            client,
+            UpdateGraph(tasks=batch, wanted=wanted, functions={f: FUNCTIONS[f] for f in fns}),
+        )
+
+    @precondition(lambda self: self.sim)
+    @rule(client=st.sampled_from(CLIENTS), broadcast=st.booleans())
+    def client_scatters(self, client, broadcast):
+        key = self.fresh_key("s")
+        self.scatter_id += 1
+        self.wanted[client].add(key)
+        self.handle(
+            client,
+            Scatter(id=self.scatter_id, data={key: ARGS}, nbytes={key: 10}, broadcast=broadcast),
+        )
+
+    @precondition(lambda self: any(self.wanted.values()))
+    @rule(client=st.sampled_from(CLIENTS), data=st.data())
+    def client_releases(self, client, data):
+        if not self.wanted[client]:
+            return
+        keys = data.draw(
+            st.lists(st.sampled_from(sorted(self.wanted[client])), min_size=1, unique=True)
+        )
+        self.wanted[client].difference_update(keys)
+        for k in keys:
+            self.last[client].pop(k, None)
+        self.handle(client, ReleaseKeys(keys=keys))
+
+    @precondition(lambda self: any(self.wanted.values()))
+    @rule(client=st.sampled_from(CLIENTS), data=st.data())
+    def client_cancels(self, client, data):
+        pool = sorted(self.wanted[C1] | self.wanted[C2])
+        keys = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=2, unique=True))
+        self.handle(client, CancelKeys(keys=keys))
+
+    @rule(client=st.sampled_from(CLIENTS))
+    def client_leaves_and_comes_back(self, client):
+        self.wanted[client].clear()
+        self.last[client].clear()
+        self.handle(client, ClientLeft(client))
+        self.handle(client, ClientJoined(client))
+
+    # -- the end --------------------------------------------------------------------
+    def run_to_quiescence(self) -> None:
+        # Every address a task may be restricted to, offering every resource.
+        for address in POOL:
+            w = self.sim.get(address)
+            if w is not None and w.resources != FULL:
+                self.leave(address, expected=True)
+            if address not in self.sim:
+                self.join(address, FULL, nthreads=2)
+        for _ in range(10_000):
+            busy = sorted(a for a, w in self.sim.items() if w.running)
+            if not busy:
+                break
+            w = self.sim[busy[0]]
+            self.run_one(w, next(iter(w.running)), True, 8)
+        else:
+            raise AssertionError("the cluster never went quiet")
+
+    def teardown(self) -> None:
+        self.stale.clear()
+        self.run_to_quiescence()
+        for key, ts in self.s.tasks.items():
+            assert ts.state in ("memory", "erred", "released"), (key, ts.state, self.s.story(key))
+        for client in CLIENTS:
+            for key in self.wanted[client]:
+                last = self.last[client].get(key)
+                if isinstance(last, KeyCancelled):
+                    continue  # cancelled (by either client) or lost beyond recovery
+                ts = self.s.tasks[key]
+                assert client in ts.who_wants
+                if ts.state == "memory":
+                    assert isinstance(last, KeyInMemory), (client, key, last)
+                else:
+                    assert ts.state == "erred", (key, ts.state, self.s.story(key))
+                    assert isinstance(last, KeyErred) and last.error == ts.error, (key, last)
+        # The clients let go: the scheduler forgets everything and every copy is freed.
+        self.handle(C1, ReleaseKeys(keys=sorted(self.wanted[C1])))
+        self.handle(C2, ClientLeft(C2))
+        assert self.s.tasks == {}, self.s.task_counts()
+        assert self.s.unrunnable == {}
+        assert self.s.functions == {} and self.s.function_refs == {}
+        for address, ws in self.s.workers.items():
+            assert not ws.processing and not ws.has_what and ws.occupancy == 0 and ws.nbytes == 0
+            assert self.sim[address].held == {}, (address, self.sim[address].held)
+            assert self.sim[address].running == {}
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=40,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_scheduler_state_machine = SchedulerMachine.TestCase

@@ -39,6 +39,7 @@ from ..protocol.messages import (
     UpdateGraph,
 )
 from ..protocol.serialize import (
+    FunctionTable,
     Payload,
     Ref,
     deserialize,
@@ -494,17 +495,23 @@ class Client:
         retries: int = 0,
         resources: dict[str, float] | None = None,
     ) -> dict[Hashable, Future]:
-        tasks, _external = graph_to_tasks(dsk)
+        table = FunctionTable()
+        tasks, _external = graph_to_tasks(dsk, table)
         fid, fn_payload = self._function_id(execute_node)
         options = self._task_options(priority, workers, allow_other_workers, retries, resources)
         base = options.pop("priority")
+        # Functions that travel by value go once per graph; every task may use them.
+        needs = list(table.payloads) or None
         specs = [
-            TaskSpec(key=k, args=args, fn=fid, deps=deps, priority=[*base, order], **options)
+            TaskSpec(
+                key=k, args=args, fn=fid, needs=needs, deps=deps, priority=[*base, order], **options
+            )
             for k, args, deps, order in tasks
         ]
         wanted = {stringify(k): k for k in keys}
         futures = {orig: Future(skey, self) for skey, orig in wanted.items()}
-        self._send(UpdateGraph(tasks=specs, wanted=list(wanted), functions={fid: fn_payload}))
+        functions = {fid: fn_payload, **table.payloads}
+        self._send(UpdateGraph(tasks=specs, wanted=list(wanted), functions=functions))
         return futures
 
     def get(

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
-from ..protocol.serialize import Payload, Ref, serialize
+from ..protocol.serialize import FunctionTable, Payload, Ref
 
 
 def stringify(key: Hashable) -> str:
@@ -44,15 +44,17 @@ def execute_node(node: Any, values: dict[Hashable, Any]) -> Any:
     return node(values)
 
 
-
-
-def graph_to_tasks(dsk: Any) -> tuple[list[tuple[str, Payload, list[str], int]], set[str]]:
+def graph_to_tasks(
+    dsk: Any, table: FunctionTable | None = None
+) -> tuple[list[tuple[str, Payload, list[str], int]], set[str]]:
     """Convert a dask graph into ``(key, args payload, dependency keys, order)`` tuples.
 
     Also returns the keys the graph refers to but does not define (existing
     futures).  Aliases of a key to itself (a persisted collection pointing at
-    its own futures) produce no task.
+    its own futures) produce no task.  Functions that must travel by value
+    (defined in ``__main__``, lambdas) are pickled once into ``table``.
     """
+    table = table if table is not None else FunctionTable()
     from dask._task_spec import Alias, GraphNode, convert_legacy_graph
 
     if hasattr(dsk, "__dask_graph__"):  # a dask expression, as dask.compute passes
@@ -76,7 +78,7 @@ def graph_to_tasks(dsk: Any) -> tuple[list[tuple[str, Payload, list[str], int]],
         if not isinstance(node, GraphNode):
             raise TypeError(f"graph value for {key!r} is not a task: {type(node).__name__}")
         dep_map = {dep: Ref(stringify(dep)) for dep in node.dependencies}
-        args = serialize(((node, dep_map), {}))
+        args, _ = table.dumps(((node, dep_map), {}))
         tasks.append((skey, args, [stringify(d) for d in node.dependencies], priorities.get(key, i)))
     for _, _, deps, _ in tasks:
         for d in deps:

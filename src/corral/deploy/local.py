@@ -199,7 +199,15 @@ class LocalCluster:
             )
             self._workers[name] = await worker.start()
 
+    def _forget_dead_workers(self) -> None:
+        """Drop worker processes that exited (killed, crashed): scaling replaces them."""
+        for name, proc in list(self._worker_procs.items()):
+            if proc.poll() is not None:
+                del self._worker_procs[name]
+
     async def _scale(self, n: int) -> None:
+        self._forget_dead_workers()
+        running_before = set(self._worker_procs)
         current = len(self._worker_procs) + len(self._workers)
         if n > current:
             await asyncio.gather(*(self._start_worker(i) for i in range(current, n)))
@@ -207,7 +215,7 @@ class LocalCluster:
             names = sorted({*self._worker_procs, *self._workers}, key=int)[n:]
             await asyncio.gather(*(self._stop_worker(name) for name in names))
         self.n_workers = n
-        await self._wait_for_workers(n)
+        await self._wait_for_workers(n, running_before)
 
     async def _stop_worker(self, name: str) -> None:
         proc = self._worker_procs.pop(name, None)
@@ -217,7 +225,9 @@ class LocalCluster:
         if worker is not None:
             await worker.close()
 
-    async def _wait_for_workers(self, n: int) -> None:
+    async def _wait_for_workers(
+        self, n: int, running_before: set[str] | frozenset[str] = frozenset()
+    ) -> None:
         conn, _ = await connect_with_retry(
             self.scheduler_address,
             deadline=asyncio.get_running_loop().time() + self.startup_timeout,
@@ -232,11 +242,17 @@ class LocalCluster:
                 reply = await conn.recv(timeout=self.startup_timeout)
                 assert isinstance(reply, Reply)
                 have = len(reply.result["workers"])
-                if have == n:
-                    return
                 dead = [name for name, p in self._worker_procs.items() if p.poll() is not None]
-                if dead:
+                if have == n and not dead:
+                    return
+                if any(name not in running_before for name in dead):
                     raise RuntimeError(f"worker processes {dead} exited during startup")
+                if dead:
+                    # Workers that ran before this call died meanwhile (a task killed
+                    # them, say): replace them so that ``n`` are running.
+                    self._forget_dead_workers()
+                    current = len(self._worker_procs) + len(self._workers)
+                    await asyncio.gather(*(self._start_worker(i) for i in range(current, n)))
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{have} of {n} workers connected after {self.startup_timeout}s")
                 await asyncio.sleep(0.02)
@@ -282,7 +298,8 @@ class LocalCluster:
     # -- introspection ---------------------------------------------------------------
     @property
     def workers(self) -> dict[str, Any]:
-        """Worker name -> its process (``processes=True``) or :class:`Worker` object."""
+        """Worker name -> its live process (``processes=True``) or :class:`Worker` object."""
+        self._forget_dead_workers()
         return {**self._worker_procs, **self._workers}
 
     @property

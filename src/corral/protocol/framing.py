@@ -14,6 +14,7 @@ buffer, so a 200 MB array is copied once, by the kernel.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Sequence
 
@@ -29,6 +30,17 @@ DEFAULT_MAX_FRAME_BYTES = 4 * 1024**3
 DEFAULT_MAX_FRAMES = 65_536
 
 Frame = bytes | bytearray | memoryview
+
+#: Frames at least this long are received into fresh anonymous memory maps:
+#: the kernel hands out zeroed pages lazily, sparing a pass over the buffer.
+MMAP_FRAME = 1024 * 1024
+
+
+def _allocate(length: int) -> memoryview:
+    """Writable memory for one large incoming frame."""
+    if length >= MMAP_FRAME:
+        return memoryview(mmap.mmap(-1, length))
+    return memoryview(bytearray(length))
 
 
 def frame_prefix(lengths: Sequence[int]) -> bytes:
@@ -71,14 +83,14 @@ class FrameDecoder:
         self._n_frames: int | None = None
         self._lengths: tuple[int, ...] | None = None
         self._frames: list[Frame] = []
-        self._big: bytearray | None = None
+        self._big: memoryview | None = None
         self._big_filled = 0
 
     # -- the BufferedProtocol side -------------------------------------------------
     def get_buffer(self) -> memoryview:
         """Return writable memory where the next received bytes should land."""
         if self._big is not None:
-            return memoryview(self._big)[self._big_filled :]
+            return self._big[self._big_filled :]
         if self._hi == len(self._buf):
             self._make_room(SMALL_FRAME)
         return self._view[self._hi :]
@@ -166,7 +178,7 @@ class FrameDecoder:
                 self._frames.append(bytes(self._view[self._lo : self._lo + length]))
                 self._lo += length
                 continue
-            big = bytearray(length)
+            big = _allocate(length)
             take = min(avail, length)
             big[:take] = self._view[self._lo : self._lo + take]
             self._lo += take

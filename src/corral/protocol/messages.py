@@ -297,6 +297,7 @@ class TaskSpec(Record):
     key: str
     args: Payload  # (args, kwargs) for python; for other runtimes see protocol.md
     fn: str | None = None  # id into UpdateGraph.functions
+    needs: list[str] | None = None  # ids of further functions the args refer to
     deps: list[str] = dataclasses.field(default_factory=list)
     priority: list[float] = dataclasses.field(default_factory=list)
     resources: dict[str, float] | None = None
@@ -316,6 +317,7 @@ class ComputeTask(Record):
     args: Payload
     run_id: int
     fn: str | None = None
+    needs: list[str] | None = None
     who_has: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     nbytes: dict[str, int] = dataclasses.field(default_factory=dict)
     priority: list[float] = dataclasses.field(default_factory=list)

@@ -12,9 +12,14 @@ inside one.  Two serializers exist:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import pickle
 import sys
+import threading
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,9 +110,10 @@ def _dumps_pickle(obj: Any) -> list[Frame]:
 
 
 def _needs_by_value(obj: Any) -> bool:
-    """True for objects pickle would store by reference but workers cannot import."""
+    """True for functions pickle would store by reference but workers cannot import."""
     module = getattr(obj, "__module__", None)
-    return module == "__main__" or module is None
+    qualname = getattr(obj, "__qualname__", "")
+    return module in ("__main__", None) or "<lambda>" in qualname or "<locals>" in qualname
 
 
 def serialize(obj: Any, serializer: str = "pickle") -> Payload:
@@ -141,6 +147,78 @@ def serialize_function(fn: Any) -> Payload:
             return Payload("pickle", [cloudpickle.dumps(fn, protocol=5)])
     except Exception as exc:
         raise SerializationError(f"cannot serialize function {fn!r}: {exc}") from exc
+
+
+_resolver = threading.local()
+
+
+def function_by_id(fid: str) -> Any:
+    """Resolve a function shipped once in a batch's ``functions`` table (worker side)."""
+    lookup = getattr(_resolver, "lookup", None)
+    if lookup is None:
+        raise SerializationError(f"function {fid} referenced outside a task")
+    return lookup(fid)
+
+
+@contextlib.contextmanager
+def resolving_functions(lookup: Callable[[str], Any]) -> Iterator[None]:
+    """Within this block, :func:`function_by_id` resolves ids with ``lookup``."""
+    previous = getattr(_resolver, "lookup", None)
+    _resolver.lookup = lookup
+    try:
+        yield
+    finally:
+        _resolver.lookup = previous
+
+
+class FunctionTable:
+    """Pickles objects, sending functions that need by-value pickling only once.
+
+    Functions from ``__main__``, lambdas and closures are serialized once each
+    into :attr:`payloads` (by content id) and referenced from every pickle
+    that uses them, instead of being cloudpickled into each.
+    """
+
+    def __init__(self) -> None:
+        self.payloads: dict[str, Payload] = {}
+        self._ids: dict[int, tuple[Any, str]] = {}
+
+    def _fid(self, fn: Any) -> str:
+        entry = self._ids.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            return entry[1]
+        payload = Payload("pickle", [cloudpickle.dumps(fn, protocol=5)])
+        fid = payload_digest(payload)
+        self.payloads[fid] = payload
+        self._ids[id(fn)] = (fn, fid)
+        return fid
+
+    def dumps(self, obj: Any) -> tuple[Payload, list[str]]:
+        """Pickle ``obj``; return the payload and the function ids it refers to."""
+        buf = io.BytesIO()
+        pickler = _TablePickler(buf, self)
+        try:
+            pickler.dump(obj)
+        except Exception:
+            return serialize(obj), []
+        head = buf.getvalue()
+        if b"__main__" in head:  # e.g. an instance of a class defined in __main__
+            return serialize(obj), []
+        return Payload("pickle", [head]), list(pickler.used)
+
+
+class _TablePickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, table: FunctionTable) -> None:
+        super().__init__(file, protocol=5)
+        self.table = table
+        self.used: dict[str, None] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.FunctionType and _needs_by_value(obj):
+            fid = self.table._fid(obj)
+            self.used[fid] = None
+            return function_by_id, (fid,)
+        return NotImplemented
 
 
 def deserialize(payload: Payload) -> Any:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,7 @@ class TaskState:
         "fn",
         "key",
         "nbytes",
+        "needs",
         "prefix",
         "priority",
         "processing_on",
@@ -107,6 +108,7 @@ class TaskState:
         self.state = "released"
         self.args = args
         self.fn = fn
+        self.needs: list[str] | None = None
         self.deps: tuple[TaskState, ...] = ()
         self.dependents: set[TaskState] = set()
         self.waiting_on: set[TaskState] = set()
@@ -128,6 +130,13 @@ class TaskState:
         self.runtime: str | None = None
         self.environment: list[str] | None = None
         self.prefix = key_prefix(key)
+
+    def functions_used(self) -> list[str]:
+        """Ids of the function payloads this task needs on its worker."""
+        used = [self.fn] if self.fn is not None else []
+        if self.needs:
+            used.extend(self.needs)
+        return used
 
     def __repr__(self) -> str:
         return f"<Task {self.key!r} {self.state}>"
@@ -227,7 +236,7 @@ class SchedulerState:
         # Run ids are unique across records, so a late report of a run freed
         # before its key was submitted again never passes for the new run.
         self._run_ids = itertools.count(1)
-        self._handlers = {
+        self._handlers: dict[type, Callable[[str, Any], None]] = {
             UpdateGraph: self._update_graph,
             TaskFinished: self._task_finished,
             TaskErred: self._task_erred,
@@ -266,7 +275,7 @@ class SchedulerState:
         """Tell ``worker`` to forget ``key``; consecutive frees share one message."""
         box = self._outbox.get(worker)
         if box and type(box[-1]) is FreeKeys:
-            box[-1].keys.append(key)  # type: ignore[attr-defined]
+            box[-1].keys.append(key)
         else:
             self._send(worker, FreeKeys(keys=[key]))
 
@@ -310,8 +319,9 @@ class SchedulerState:
             ts.runtime = spec.runtime
             ts.environment = spec.environment
             self.tasks[spec.key] = ts
-            if ts.fn is not None:
-                self.function_refs[ts.fn] = self.function_refs.get(ts.fn, 0) + 1
+            ts.needs = spec.needs or None
+            for fid in ts.functions_used():
+                self.function_refs[fid] = self.function_refs.get(fid, 0) + 1
             new.append((ts, spec.deps))
         missing_deps: list[tuple[TaskState, str]] = []
         for ts, dep_keys in new:
@@ -324,17 +334,28 @@ class SchedulerState:
                 deps.append(dep)
                 dep.dependents.add(ts)
             ts.deps = tuple(deps)
+        # A task with an unknown input can never run, nor can anything built on
+        # it: their records are dropped (no later graph may run them without the
+        # input) and the clients that want them get the error.
+        doomed: dict[str, ErrorInfo] = {}
+        orphans: list[TaskState] = []
         for ts, dk in missing_deps:
-            if ts.state == "released":
-                self._fail(
-                    ts,
-                    ErrorInfo(
-                        typename="CancelledError",
-                        message=f"dependency {dk!r} of {ts.key!r} is unknown to the scheduler "
-                        "(its future was released or cancelled)",
-                    ),
-                )
+            stack = [ts]
+            err = ErrorInfo(
+                typename="CancelledError",
+                message=f"dependency {dk!r} of {ts.key!r} is unknown to the scheduler "
+                "(its future was released or cancelled)",
+            )
+            while stack:
+                t = stack.pop()
+                if t.key not in doomed:
+                    doomed[t.key] = err
+                    orphans.append(t)
+                    stack.extend(t.dependents)
         for key in msg.wanted:
+            if key in doomed:
+                self._send(client, KeyErred(key=key, error=doomed[key]))
+                continue
             ts = self.tasks.get(key)
             if ts is None:
                 self._send(client, KeyCancelled(key=key, reason="unknown key", lost=True))
@@ -348,6 +369,10 @@ class SchedulerState:
             elif ts.state == "erred":
                 assert ts.error is not None
                 self._send(client, KeyErred(key=ts.key, error=ts.error))
+        for ts in orphans:
+            ts.dependents.clear()  # all doomed too
+        for ts in orphans:
+            self._forget_if_unneeded(ts)
         for ts, _ in new:
             if ts.state == "released":
                 self._forget_if_unneeded(ts)
@@ -713,13 +738,13 @@ class SchedulerState:
                 continue
             del self.tasks[ts.key]
             self.transition_log.append((ts.key, "released", "forgotten", self._stimulus))
-            if ts.fn is not None:
-                refs = self.function_refs.get(ts.fn, 1) - 1
+            for fid in ts.functions_used():
+                refs = self.function_refs.get(fid, 1) - 1
                 if refs <= 0:
-                    self.function_refs.pop(ts.fn, None)
-                    self.functions.pop(ts.fn, None)
+                    self.function_refs.pop(fid, None)
+                    self.functions.pop(fid, None)
                 else:
-                    self.function_refs[ts.fn] = refs
+                    self.function_refs[fid] = refs
             for dep in ts.deps:
                 dep.dependents.discard(ts)
                 dep.waiters.discard(ts)
@@ -749,6 +774,9 @@ class SchedulerState:
                 for t in tasks:
                     if t.fn is not None and t.fn not in functions:
                         functions[t.fn] = self.functions[t.fn]
+                    for fid in t.needs or ():
+                        if fid not in functions:
+                            functions[fid] = self.functions[fid]
                 self._send(ws.address, Compute(tasks=tasks, functions=functions))
 
     def _assign(self, ts: TaskState, ws: WorkerInfo) -> None:
@@ -763,6 +791,7 @@ class SchedulerState:
             key=ts.key,
             args=ts.args,
             fn=ts.fn,
+            needs=ts.needs,
             run_id=ts.run_id,
             who_has={d.key: [w.address for w in d.who_has] for d in ts.deps},
             nbytes={d.key: d.nbytes for d in ts.deps},

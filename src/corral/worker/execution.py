@@ -20,7 +20,14 @@ from typing import Any
 import tblib.pickling_support
 
 from ..protocol.messages import ComputeTask, ErrorInfo
-from ..protocol.serialize import Payload, Ref, deserialize, serialize, sizeof
+from ..protocol.serialize import (
+    Payload,
+    Ref,
+    deserialize,
+    resolving_functions,
+    serialize,
+    sizeof,
+)
 from .state import ExecuteFailure, ExecuteSuccess
 
 logger = logging.getLogger("corral.worker")
@@ -186,7 +193,8 @@ def run_task(
             fn = functions.get(spec.fn)
         except Exception as exc:
             raise type(exc)(f"could not load the function of task {spec.key!r}: {exc}") from exc
-        args, kwargs = deserialize(spec.args)
+        with resolving_functions(functions.get):
+            args, kwargs = deserialize(spec.args)
         if spec.who_has:
             args = substitute(args, data)
             kwargs = substitute(kwargs, data)

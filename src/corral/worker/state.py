@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..resources import Allocation, ResourcePool
+
 from ..protocol.messages import (
     AddKeys,
     ComputeTask,
@@ -48,6 +50,7 @@ class WTask:
         "deps",
         "key",
         "nbytes",
+        "held",
         "priority",
         "resources",
         "spec",
@@ -67,6 +70,7 @@ class WTask:
         self.nbytes = 0
         self.priority: tuple[Any, ...] = ()
         self.resources: dict[str, float] | None = None
+        self.held: Allocation | None = None  # indices of indexed resources, while executing
 
     def __repr__(self) -> str:
         return f"<WTask {self.key!r} {self.state}>"
@@ -131,10 +135,14 @@ class FreeEvent:
 # Instructions ---------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Execute:
-    """Run task ``key`` (its spec is ``spec``) in the thread pool."""
+    """Run task ``key`` (its spec is ``spec``) in the thread pool.
+
+    ``held``: the indices of indexed resources the task holds while it runs.
+    """
 
     key: str
     spec: ComputeTask
+    held: Allocation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +187,11 @@ class WorkerState:
         # tasks without resource demands are prefetched.
         self.prefetch = nthreads if prefetch is None else prefetch
         self.tasks: dict[str, WTask] = {}
-        self.total_resources: dict[str, float] = dict(resources or {})
-        self.available_resources: dict[str, float] = dict(self.total_resources)
+        # Amounts, or lists of indices (see corral.resources); the pool's dicts
+        # are updated in place.
+        self.resource_pool = ResourcePool(resources)
+        self.total_resources: dict[str, float] = self.resource_pool.total
+        self.available_resources: dict[str, float] = self.resource_pool.available
         self.executing: set[WTask] = set()
         self.in_flight: dict[str, set[WTask]] = {}  # peer -> keys being fetched
         self._ready: list[tuple[tuple[Any, ...], int, WTask]] = []
@@ -330,8 +341,8 @@ class WorkerState:
     def _finish_executing(self, ts: WTask) -> None:
         self.executing.discard(ts)
         if ts.resources:
-            for name, amount in ts.resources.items():
-                self.available_resources[name] = self.available_resources.get(name, 0) + amount
+            self.resource_pool.release(ts.resources, ts.held)
+            ts.held = None
 
     def _arrived(self, ts: WTask) -> None:
         """``ts`` is now in memory here: wake the local tasks that waited for it."""
@@ -423,10 +434,7 @@ class WorkerState:
 
     # -- choosing what to do next --------------------------------------------------
     def _fits(self, ts: WTask) -> bool:
-        if not ts.resources:
-            return True
-        avail = self.available_resources
-        return all(avail.get(name, 0) >= amount for name, amount in ts.resources.items())
+        return not ts.resources or self.resource_pool.fits(ts.resources)
 
     @property
     def queued(self) -> int:
@@ -442,12 +450,11 @@ class WorkerState:
             if ts is None:
                 return
             if ts.resources:
-                for name, amount in ts.resources.items():
-                    self.available_resources[name] -= amount
+                ts.held = self.resource_pool.acquire(ts.resources) or None
             self._move(ts, "executing")
             self.executing.add(ts)
             assert ts.spec is not None
-            self._out.append(Execute(ts.key, ts.spec))
+            self._out.append(Execute(ts.key, ts.spec, ts.held))
 
     def _next_runnable(self, prefetching: bool) -> WTask | None:
         # Resource-constrained tasks first (they are older); never oversubscribe.
@@ -505,14 +512,10 @@ class WorkerState:
     # -- invariants ----------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``AssertionError`` if an invariant is broken."""
-        used: dict[str, float] = {}
         for ts in self.executing:
             assert ts.state in ("executing", "cancelled"), ts
-            for name, amount in (ts.resources or {}).items():
-                used[name] = used.get(name, 0) + amount
-        for name, total in self.total_resources.items():
-            assert used.get(name, 0) <= total + 1e-9, f"{name} oversubscribed"
-            assert abs(self.available_resources[name] - (total - used.get(name, 0))) < 1e-9
+        # No resource oversubscribed, no index held past its capacity.
+        self.resource_pool.validate([(ts.resources or {}, ts.held) for ts in self.executing])
         assert len(self.executing) <= self.nthreads + self.prefetch
         for ts in self.tasks.values():
             if ts.state == "waiting":
