@@ -8,6 +8,7 @@ Both use two threads of one process talking over 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import statistics
 import threading
@@ -29,15 +30,17 @@ def percentile(values: list[float], q: float) -> float:
 def asyncio_ping_pong(
     round_trips: int = 2000,
     size: int = 64,
-    warmup: int = 200,
+    warmup: int = 500,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    cpus: tuple[int, int] | None = None,
 ) -> list[float]:
     """Measure asyncio TCP round trips between two threads; return seconds each.
 
     An echo server runs in one thread's event loop, a client in another
     thread's loop sends ``size`` bytes and waits for the echo.  The first
     ``warmup`` round trips are discarded.  ``loop_factory`` makes both
-    loops (pass ``uvloop.new_event_loop`` to measure uvloop).
+    loops (pass ``uvloop.new_event_loop`` to measure uvloop).  ``cpus``
+    pins the server and client threads to those CPUs (Linux only).
     """
     ready = threading.Event()
     server_loop = loop_factory()
@@ -54,7 +57,12 @@ def asyncio_ping_pong(
         finally:
             writer.close()
 
+    def pin(index: int) -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, {cpus[index]})  # pid 0: the calling thread
+
     def serve() -> None:
+        pin(0)
         asyncio.set_event_loop(server_loop)
         server = server_loop.run_until_complete(asyncio.start_server(echo, "127.0.0.1", 0))
         port_box.append(server.sockets[0].getsockname()[1])
@@ -81,6 +89,7 @@ def asyncio_ping_pong(
         await writer.wait_closed()
 
     def client() -> None:
+        pin(1)
         loop = loop_factory()
         try:
             loop.run_until_complete(ping())
@@ -103,18 +112,33 @@ def asyncio_ping_pong(
     return samples
 
 
+def pick_cpus(same_core: bool) -> tuple[int, int] | None:
+    """Return CPUs to pin the two ping-pong threads to, or None if unsupported.
+
+    ``same_core`` puts both threads on one CPU; otherwise on two different
+    CPUs (when the process may use at least two).
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if same_core:
+        return (allowed[0], allowed[0])
+    return (allowed[0], allowed[1]) if len(allowed) >= 2 else None
+
+
 def ping_pong_p50s(
     rounds: int = 5,
     round_trips: int = 2000,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    cpus: tuple[int, int] | None = None,
 ) -> list[float]:
     """Return the p50 round trip (seconds) of each of ``rounds`` ping-pong runs.
 
-    On a small machine the result is bimodal from run to run (thread
-    placement), so callers should take the median of these.
+    Unpinned threads give bimodal results from process to process (both on
+    one core: about 3x faster than on two), hence the ``cpus`` option.
     """
     return [
-        percentile(asyncio_ping_pong(round_trips, loop_factory=loop_factory), 50)
+        percentile(asyncio_ping_pong(round_trips, loop_factory=loop_factory, cpus=cpus), 50)
         for _ in range(rounds)
     ]
 

@@ -38,7 +38,7 @@ from benchmarks.spec import (
 #: Problem sizes as ``(full, quick)``; quick sizes keep ``--quick`` < 2 min.
 SIZES: dict[str, tuple[int, int]] = {
     "map_noop": (20_000, 2_000),
-    "map_noop_100k": (100_000, 10_000),
+    "map_noop_100k": (100_000, 5_000),
     "latency": (1_000, 200),
     "tree_reduce": (8_192, 1_024),
     "dask_array": (10_000, 4_000),
@@ -103,7 +103,8 @@ def latency(ctx: Context) -> Measurement:
     """Round-trip time of sequential ``submit(...).result()`` calls.
 
     Also measures, in the same process, an asyncio TCP ping-pong between two
-    threads as the raw floor.
+    threads pinned to different CPUs as the raw floor (median of the p50s
+    of several rounds).
     """
     client = ctx.client
     n = size("latency", ctx.quick)
@@ -118,16 +119,33 @@ def latency(ctx: Context) -> Measurement:
         samples.append(time.perf_counter() - start)
         wrong += value != i + 1
     check(wrong == 0, f"{wrong} of {n} submit results were wrong")
-    raw_rounds = [s * 1e3 for s in baselines.ping_pong_p50s(rounds=5, round_trips=2000)]
+    # The baseline pins the two threads to different CPUs: a scheduler round
+    # trip crosses processes, so it cannot stay on one core either.  In full
+    # mode, unpinned, same-core and uvloop figures go to ``info`` for context.
+    ms = 1e3
+    rounds, trips = (3, 1000) if ctx.quick else (5, 2000)
+    cross = baselines.pick_cpus(same_core=False)
+    raw_rounds = [p * ms for p in baselines.ping_pong_p50s(rounds, trips, cpus=cross)]
     raw_p50 = statistics.median(raw_rounds)
-    info: dict[str, Any] = {"n_calls": n, "raw_round_trips": 2000, "raw_p50_rounds_ms": raw_rounds}
-    try:
-        import uvloop
-    except ImportError:
-        pass
-    else:  # context only: Corral may run on uvloop
-        uv_rounds = baselines.ping_pong_p50s(3, 2000, loop_factory=uvloop.new_event_loop)
-        info["raw_uvloop_p50_ms"] = statistics.median(uv_rounds) * 1e3
+    info: dict[str, Any] = {
+        "n_calls": n,
+        "raw_cpus": cross,
+        "raw_round_trips": trips,
+        "raw_p50_rounds_ms": raw_rounds,
+    }
+    if not ctx.quick:
+        same = baselines.pick_cpus(same_core=True)
+        info["raw_same_core_p50_ms"] = (
+            statistics.median(baselines.ping_pong_p50s(3, cpus=same)) * ms
+        )
+        info["raw_unpinned_p50_ms"] = statistics.median(baselines.ping_pong_p50s(3)) * ms
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:  # Corral may run on uvloop
+            uv_rounds = baselines.ping_pong_p50s(3, 2000, uvloop.new_event_loop, cpus=cross)
+            info["raw_uvloop_p50_ms"] = statistics.median(uv_rounds) * ms
     p50 = baselines.percentile(samples, 50) * 1e3
     return Measurement(
         {
@@ -231,7 +249,8 @@ def transfer(ctx: Context) -> Measurement:
     """Worker-to-worker bandwidth for one large NumPy array.
 
     The array is produced on worker A and consumed by a task pinned to worker
-    B; only the consuming task is timed (median of a few repeats).  The raw
+    B; only the consuming task is timed (median of 5 repeats after one
+    untimed full-size warm-up).  The raw
     loopback TCP copy of the same size is measured in the same process.
     """
     nbytes = size("transfer", ctx.quick)
@@ -240,8 +259,10 @@ def transfer(ctx: Context) -> Measurement:
     src, dst = ctx.workers[0], ctx.workers[1]
     _warm_up(ctx)
     _transfer_once(ctx, 125_000, 0, src, dst)  # 1 MB: opens the worker-worker link
+    _transfer_once(ctx, n_elements, 1, src, dst)  # full size: warms the allocators
     repeats = 5
-    seconds = [_transfer_once(ctx, n_elements, seed, src, dst) for seed in range(1, repeats + 1)]
+    seeds = range(2, repeats + 2)
+    seconds = [_transfer_once(ctx, n_elements, seed, src, dst) for seed in seeds]
     rates = [nbytes / 1e6 / s for s in seconds]
     mb_per_s = statistics.median(rates)
     raw = baselines.tcp_copy_mb_per_s(nbytes, repeats=repeats)

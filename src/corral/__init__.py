@@ -11,6 +11,8 @@ from ._version import __version__
 from .client import Client, Future, as_completed, default_client, wait
 from .deploy import LocalCluster
 from .errors import CommClosedError, FutureCancelledError, KilledWorker, LostDataError
+from .plugins import SchedulerPlugin, WorkerPlugin
+from .resources import get_task_resources, task_env
 from .scheduler import Scheduler
 from .worker import Worker
 from .worker.execution import current_worker
@@ -38,11 +40,15 @@ __all__ = [
     "LocalCluster",
     "LostDataError",
     "Scheduler",
+    "SchedulerPlugin",
     "Worker",
+    "WorkerPlugin",
     "__version__",
     "as_completed",
     "default_client",
     "get_client",
+    "get_task_resources",
     "get_worker",
+    "task_env",
     "wait",
 ]

@@ -18,10 +18,28 @@ import click
 
 from ._loop import new_event_loop
 from ._version import __version__
-from .resources import parse_resources
+from .resources import parse_resources, resources_from_env
+from .preload import PreloadError
 from .scheduler.server import DEFAULT_PORT, Scheduler
 
 logger = logging.getLogger("corral.cli")
+
+# Options the command does not know go to the click command of a --preload module.
+_PRELOAD_CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
+_PRELOAD_HELP = (
+    "Module name or .py file imported before any connection; its corral_setup(service) "
+    "runs at start, corral_teardown(service) at stop.  Repeatable.  A click-command "
+    "corral_setup takes the extra options given after it."
+)
+
+
+@contextlib.contextmanager
+def _preload_errors() -> Any:
+    """Turn a failing preload into a clear message and exit status 1."""
+    try:
+        yield
+    except PreloadError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -61,22 +79,40 @@ def main() -> None:
     """Corral: a distributed task scheduler for clusters that are not uniform."""
 
 
-@main.command()
+@main.command(context_settings=_PRELOAD_CONTEXT)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="Port (0: any free one).")
 @click.option("--scheduler-file", default=None, help="Write the address here as JSON.")
+@click.option("--preload", multiple=True, help=_PRELOAD_HELP)
 @click.option("--log-level", default="INFO", show_default=True)
-def scheduler(host: str, port: int, scheduler_file: str | None, log_level: str) -> None:
+@click.pass_context
+def scheduler(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    scheduler_file: str | None,
+    preload: tuple[str, ...],
+    log_level: str,
+) -> None:
     """Start a scheduler and serve until Ctrl-C or SIGTERM."""
     _setup_logging(log_level)
     token = os.environ.get("CORRAL_AUTH_TOKEN") or None
-    service = Scheduler(host=host, port=port, scheduler_file=scheduler_file, token=token)
+    with _preload_errors():
+        service = Scheduler(
+            host=host,
+            port=port,
+            scheduler_file=scheduler_file,
+            token=token,
+            preload=list(preload) or None,
+            preload_argv=list(ctx.args),
+        )
 
     async def start() -> None:
         await service.start()
         click.echo(f"Scheduler at: {service.address}", err=True)
 
-    _run_until_signal(start, service.close, service.finished)
+    with _preload_errors():
+        _run_until_signal(start, service.close, service.finished)
 
 
 def _scheduler_address(address: str | None, scheduler_file: str | None) -> str:
@@ -93,19 +129,27 @@ def _scheduler_address(address: str | None, scheduler_file: str | None) -> str:
         return str(json.load(f)["address"])
 
 
-@main.command()
+@main.command(context_settings=_PRELOAD_CONTEXT)
 @click.argument("address", required=False)
 @click.option("--scheduler-file", default=None, help="Read the scheduler address from this file.")
 @click.option("--nthreads", default=None, type=int, help="Threads per worker process.")
 @click.option("--nworkers", default=1, show_default=True, type=int, help="Worker processes.")
 @click.option("--name", default=None, help="Worker name (suffixed -i with several workers).")
 @click.option("--memory-limit", default="auto", show_default=True, help="Bytes per worker, e.g. 4GB.")
-@click.option("--resources", default=None, help='Abstract resources, e.g. "GPU=2,MEMORY=100e9".')
+@click.option(
+    "--resources",
+    default=None,
+    help='Abstract resources, e.g. "GPU=2,MEMORY=100e9"; "GPU=[0,1]" for indexed ones; '
+    '"auto" to detect GPUs and memory.  Default: $CORRAL_WORKER_RESOURCES.',
+)
 @click.option("--host", default=None, help="Interface for the peer port.")
 @click.option("--local-directory", default=None, help="Scratch space for this worker.")
 @click.option("--nanny/--no-nanny", default=None, help="Supervise worker processes (restart on crash).")
+@click.option("--preload", multiple=True, help=_PRELOAD_HELP)
 @click.option("--log-level", default="INFO", show_default=True)
+@click.pass_context
 def worker(
+    ctx: click.Context,
     address: str | None,
     scheduler_file: str | None,
     nthreads: int | None,
@@ -116,16 +160,23 @@ def worker(
     host: str | None,
     local_directory: str | None,
     nanny: bool | None,
+    preload: tuple[str, ...],
     log_level: str,
 ) -> None:
-    """Start worker processes that connect to the scheduler at ADDRESS."""
+    """Start worker processes that connect to the scheduler at ADDRESS.
+
+    Options for a --preload module's click command come after ADDRESS.
+    """
     from .deploy.local import _memory_limit
 
     _setup_logging(log_level)
     if nworkers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--nworkers")
     try:
-        parsed_resources = parse_resources(resources) if resources else {}
+        if resources is not None:
+            parsed_resources = parse_resources(resources)
+        else:
+            parsed_resources = resources_from_env()  # CORRAL_WORKER_RESOURCES, same syntax
         limit = _memory_limit(memory_limit, nworkers)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
@@ -137,22 +188,26 @@ def worker(
         return
     from .worker.server import Worker
 
-    service = Worker(
-        target,
-        nthreads=nthreads,
-        name=name,
-        memory_limit=limit,
-        resources=parsed_resources,
-        host=host,
-        local_directory=local_directory,
-        token=os.environ.get("CORRAL_AUTH_TOKEN") or None,
-    )
+    with _preload_errors():
+        service = Worker(
+            target,
+            nthreads=nthreads,
+            name=name,
+            memory_limit=limit,
+            resources=parsed_resources,
+            host=host,
+            local_directory=local_directory,
+            token=os.environ.get("CORRAL_AUTH_TOKEN") or None,
+            preload=list(preload) or None,
+            preload_argv=list(ctx.args),
+        )
 
     async def start() -> None:
         await service.start()
         click.echo(f"Worker {service.name} at {service.address} -> {target}", err=True)
 
-    _run_until_signal(start, service.close, service.finished)
+    with _preload_errors():
+        _run_until_signal(start, service.close, service.finished)
 
 
 def _supervise(nworkers: int, name: str | None, argv: list[str]) -> None:

@@ -57,7 +57,9 @@ def _check_amount(name: str, amount: Any, what: str) -> float:
     return amount
 
 
-def validate_resources(resources: Mapping[str, Any] | None, what: str = "resources") -> dict[str, float]:
+def validate_resources(
+    resources: Mapping[str, Any] | None, what: str = "resources"
+) -> dict[str, float]:
     """Check a task's demand ``{name: amount}``; raise ``ValueError`` naming the bad entry.
 
     Example::
@@ -68,7 +70,9 @@ def validate_resources(resources: Mapping[str, Any] | None, what: str = "resourc
     if resources is None:
         return {}
     if not isinstance(resources, Mapping):
-        raise ValueError(f"{what} must be a mapping of name to amount, not {type(resources).__name__}")
+        raise ValueError(
+            f"{what} must be a mapping of name to amount, not {type(resources).__name__}"
+        )
     out: dict[str, float] = {}
     for name, amount in resources.items():
         _check_name(name, what)
@@ -88,7 +92,9 @@ def validate_worker_resources(
     if resources is None:
         return {}
     if not isinstance(resources, Mapping):
-        raise ValueError(f"{what} must be a mapping of name to amount, not {type(resources).__name__}")
+        raise ValueError(
+            f"{what} must be a mapping of name to amount, not {type(resources).__name__}"
+        )
     out: dict[str, Offer] = {}
     for name, value in resources.items():
         _check_name(name, what)
@@ -96,7 +102,9 @@ def validate_worker_resources(
             indices = []
             for index in value:
                 if isinstance(index, bool) or not isinstance(index, int | str):
-                    raise ValueError(f"{what}: {name} index {index!r} is not an integer or a string")
+                    raise ValueError(
+                        f"{what}: {name} index {index!r} is not an integer or a string"
+                    )
                 if isinstance(index, int) and index < 0:
                     raise ValueError(f"{what}: {name} index {index!r} is negative")
                 if isinstance(index, str) and not index:
@@ -123,7 +131,9 @@ def resource_indices(offer: Mapping[str, Any]) -> dict[str, list[Any]]:
 # -- the CLI syntax -----------------------------------------------------------------
 def _split(text: str) -> list[str]:
     """Split on commas outside brackets: ``"GPU=[0,1],MEM=2"`` -> two parts."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "[":
             depth += 1
@@ -221,7 +231,9 @@ def detect_gpus(environ: Mapping[str, str] | None = None) -> list[Any]:
     if exe is None:
         return []
     try:
-        listing = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10, check=False)
+        listing = subprocess.run(
+            [exe, "-L"], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return []
     found = re.findall(r"^GPU (\d+):", listing.stdout, flags=re.MULTILINE)
@@ -307,7 +319,7 @@ class ResourcePool:
             if indices is None:
                 continue
             usage = self.usage[name]
-            whole = int(math.floor(amount + EPS))
+            whole = math.floor(amount + EPS)
             frac = amount - whole
             if frac <= EPS:
                 frac = 0.0
@@ -318,7 +330,7 @@ class ResourcePool:
             if frac:
                 # Best fit: the fullest shared index that still has room, else a free one.
                 shared = [
-                    i for i in indices if EPS < usage.get(i, 0.0) and usage[i] + frac <= 1.0 + EPS
+                    i for i in indices if usage.get(i, 0.0) > EPS and usage[i] + frac <= 1.0 + EPS
                 ]
                 if shared:
                     best = max(shared, key=lambda i: usage[i])
@@ -382,10 +394,69 @@ class ResourcePool:
         for name in set(self.total) | set(used):
             u = used.get(name, 0.0)
             total = self.total.get(name, 0.0)
-            assert abs(self.used.get(name, 0.0) - u) < 1e-6, f"{name}: books say {self.used.get(name)} used, tasks hold {u}"
-            assert abs(self.available.get(name, 0.0) - (total - u)) < 1e-6, f"{name}: available is off"
-            assert u <= total + self.allowance.get(name, 0.0) + 1e-6, f"{name} oversubscribed: {u} > {total}"
+            assert abs(self.used.get(name, 0.0) - u) < 1e-6, (
+                f"{name}: books say {self.used.get(name)} used, tasks hold {u}"
+            )
+            assert abs(self.available.get(name, 0.0) - (total - u)) < 1e-6, (
+                f"{name}: available is off"
+            )
+            assert u <= total + self.allowance.get(name, 0.0) + 1e-6, (
+                f"{name} oversubscribed: {u} > {total}"
+            )
         for name, shares in per_index.items():
             for index, share in shares.items():
                 assert share <= 1.0 + 1e-6, f"{name} index {index!r} held {share:g} times over"
                 assert abs(self.usage.get(name, {}).get(index, 0.0) - share) < 1e-6, (name, index)
+
+
+# -- what a running task sees -------------------------------------------------------
+def task_resources(demand: Mapping[str, float], held: Allocation | None) -> dict[str, Any]:
+    """A task's view: the indices it holds of indexed resources, the amount of others."""
+    out: dict[str, Any] = dict(demand)
+    for name, taken in (held or {}).items():
+        out[name] = [index for index, _ in taken]
+    return out
+
+
+def get_task_resources() -> dict[str, Any]:
+    """What the running task holds: ``{"GPU": [1], "MEMORY": 70e9}``.
+
+    Indexed resources map to the list of indices the task holds (alone, or
+    shared for a fractional demand); other resources map to the amount
+    demanded.  A task that demanded nothing gets ``{}``.  Raises
+    ``ValueError`` outside a task running on a Corral worker.
+
+    Example::
+
+        def train(data):
+            gpus = corral.get_task_resources()["GPU"]   # e.g. [1]
+            ...
+    """
+    from .worker.execution import current_task_resources
+
+    held = current_task_resources()
+    if held is None:
+        raise ValueError("get_task_resources() called outside a task running on a Corral worker")
+    return dict(held)
+
+
+def task_env(
+    resource: str = "GPU",
+    variable: str = "CUDA_VISIBLE_DEVICES",
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """An environment for a subprocess that should see only this task's devices.
+
+    A copy of ``base`` (default: ``os.environ``) with ``variable`` set to the
+    comma-joined indices of ``resource`` the running task holds.  If the task
+    holds no indices of ``resource``, ``variable`` is left as it is.
+
+    Example::
+
+        subprocess.run(["python", "train.py"], env=corral.task_env(), check=True)
+    """
+    env = dict(os.environ if base is None else base)
+    held = get_task_resources().get(resource)
+    if isinstance(held, list):
+        env[variable] = ",".join(str(i) for i in held)
+    return env

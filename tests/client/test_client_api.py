@@ -147,6 +147,23 @@ def test_submit_non_callable_raises(c):
         c.submit(1, 2)
 
 
+def big_bytes(i):
+    return bytes([i % 256]) * 100_000  # larger than what travels with the completion notice
+
+
+def test_results_fetched_from_many_threads_at_once(c):
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait as cf_wait
+
+    futures = c.map(big_bytes, range(40), pure=False)
+    wait(futures)
+    with ThreadPoolExecutor(8) as pool:
+        jobs = [pool.submit(f.result) for f in futures]
+        _, not_done = cf_wait(jobs, timeout=30)
+        assert not not_done, "fetching results from several threads hung"
+    assert [j.result() for j in jobs] == [big_bytes(i) for i in range(40)]
+
+
 # -- map ---------------------------------------------------------------------------------
 def test_map_single_iterable(c):
     futures = c.map(inc, range(10))
@@ -275,6 +292,24 @@ def test_scatter_to_chosen_worker(c):
     assert c.who_has([single])[single.key] == [workers[0]]
 
 
+def test_submit_to_worker_by_name(c):
+    by_name = {w["name"]: addr for addr, w in c.scheduler_info()["workers"].items()}
+    fut = c.submit(inc, 1, workers=["1"], pure=False)
+    assert fut.result() == 2
+    assert c.who_has([fut])[fut.key] == [by_name["1"]]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="scheduler/server.py Scheduler._scatter (and state._scatter) match workers= by "
+    "address only; submit(workers=...) also accepts names (placement._restricted)",
+)
+def test_scatter_to_worker_by_name(c):
+    by_name = {w["name"]: addr for addr, w in c.scheduler_info()["workers"].items()}
+    [fut] = c.scatter(["to-name"], workers=["1"], hash=False)
+    assert c.who_has([fut])[fut.key] == [by_name["1"]]
+
+
 def test_scatter_unknown_worker_raises(c):
     with pytest.raises(Exception, match="unknown workers"):
         c.scatter([1], workers=["tcp://127.0.0.1:1"])
@@ -389,6 +424,22 @@ def test_cancel_future(c, event):
         child.result(timeout=10)
     assert child.status == "cancelled"
     ev.set()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="errors.py: FutureCancelledError should subclass concurrent.futures.CancelledError "
+    "as distributed.FutureCancelledError does",
+)
+def test_cancelled_error_is_a_concurrent_futures_cancelled_error(c, event):
+    import concurrent.futures
+
+    name, ev = event
+    fut = c.submit(wait_on_event, name, pure=False)
+    fut.cancel()
+    ev.set()
+    with pytest.raises(concurrent.futures.CancelledError):
+        fut.result()
 
 
 def test_client_cancel_list(c, event):

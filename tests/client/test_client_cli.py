@@ -14,7 +14,6 @@ import pytest
 
 from corral import Client
 
-
 # Workers started from the command line cannot import this test module:
 # lambdas travel by value.
 inc = lambda x: x + 1  # noqa: E731

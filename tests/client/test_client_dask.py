@@ -16,9 +16,11 @@ dd = pytest.importorskip("dask.dataframe")
 
 @pytest.fixture(scope="module")
 def c():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as cluster:
-        with Client(cluster) as client:
-            yield client
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
 
 
 @pytest.fixture
@@ -135,3 +137,53 @@ def test_persist_dataframe_and_several(c, frame, bag):
     pd.testing.assert_frame_equal(pddf.compute(scheduler=c.get), pdf[pdf.x % 2 == 0])
     assert pbag.compute(scheduler=c.get) == [-v for v in range(100)]
     assert pddf.x.sum().compute(scheduler=c.get) == pdf[pdf.x % 2 == 0].x.sum()
+
+
+def inc(x):
+    return x + 1
+
+
+def add(x, y=0):
+    return x + y
+
+
+def total_of(d):
+    return d["a"] + d["b"][0] + sum(d["b"][1])
+
+
+def test_graphs_holding_futures(c):
+    f = c.submit(inc, 1)
+    assert c.get({"x": f, "y": (inc, "x")}, "y") == 3
+    assert c.get({"y": (add, f, 10)}, "y") == 12
+    assert c.get({"a": 1, "b": ["a", 2, (inc, "a")]}, "b") == [1, 2, 2]
+    assert c.get({"a": 1, "b": (sum, ["a", f, (inc, "a")])}, "b") == 5
+
+
+def test_delayed_calls_with_future_arguments(c):
+    f = c.submit(inc, 1)  # 2
+    positional = dask.delayed(add)(f, 100)
+    keyword = dask.delayed(add)(1, y=f)
+    nested = dask.delayed(sum)([f, f, 1])
+    deeper = dask.delayed(total_of)({"a": f, "b": (f, [f, 1])})
+    assert dask.compute(positional, keyword, nested, deeper, scheduler=c.get) == (102, 3, 5, 7)
+    assert c.compute(positional).result() == 102
+
+
+def test_persist_delayed_and_compute_mixed(c):
+    d = dask.delayed(inc)(5)
+    p = c.persist(d)
+    assert p.compute(scheduler=c.get) == 6
+    assert c.compute(p).result() == 6
+    assert c.compute(dask.delayed(add)(p, 1)).result() == 7
+    # non-collections pass through compute unchanged, as in dask.distributed
+    futures = c.compute([d, 7])
+    assert isinstance(futures[0], Future) and futures[1] == 7
+    assert c.compute([d, 7], sync=True) == [6, 7]
+
+
+def test_get_sync_false_returns_futures_in_key_nesting(c):
+    dsk = {"a": 1, "b": (inc, "a"), "c": (add, "a", "b")}
+    out = c.get(dsk, ["a", ["b", "c"]], sync=False)
+    assert isinstance(out, list) and isinstance(out[1], list)
+    assert all(isinstance(f, Future) for f in [out[0], *out[1]])
+    assert c.gather(out) == [1, [2, 3]]

@@ -127,6 +127,29 @@ def test_lost_result_is_recomputed(c, tmp_path):
     assert a.result() == 40
 
 
+def big_after_first_run(folder):
+    """200 kB of data; slow from the second run on (a recomputation)."""
+    runs = len(os.listdir(folder))
+    with open(os.path.join(folder, f"run-{os.getpid()}-{uuid.uuid4().hex}"), "w"):
+        pass
+    if runs:
+        time.sleep(1.5)
+    return b"x" * 200_000
+
+
+def test_result_of_lost_large_value_waits_for_recomputation(c, tmp_path):
+    folder = str(tmp_path)
+    a = c.submit(big_after_first_run, folder, pure=False)
+    corral.wait([a])
+    assert a.status == "finished"  # the value stays on the worker: too big to travel along
+    [holder] = c.who_has(a)[a.key]
+    os.kill(c.scheduler_info()["workers"][holder]["pid"], signal.SIGKILL)
+    poll(lambda: len(os.listdir(folder)) == 2, "the scheduler recomputes a")
+    assert a.result(timeout=60) == b"x" * 200_000
+    assert a.status == "finished"
+    assert holder not in c.who_has(a)[a.key]
+
+
 def test_task_killing_its_worker_fails_with_killed_worker(c, pcluster):
     fut = c.submit(kill_own_worker, 1)
     with pytest.raises(corral.KilledWorker) as info:
@@ -236,7 +259,7 @@ def test_unpicklable_intermediate_moved_between_workers_errs(c):
     y = c.submit(type_name, x, workers=[workers[1]])
     del x  # not wanted by the client: no serialization when it finishes
     with pytest.raises(TypeError, match="lock"):
-        y.result(timeout=5)
+        y.result(timeout=3)
 
 
 # -- losing the scheduler ------------------------------------------------------------------

@@ -38,6 +38,40 @@ def test_process_cluster_runs_tasks_in_subprocesses(process_cluster):
         assert b.result() == 12  # data moved worker to worker between processes
 
 
+def fail_in_subprocess(x):
+    raise KeyError(f"missing {x}")
+
+
+def test_process_cluster_remote_error_and_traceback(process_cluster):
+    import traceback
+
+    with Client(process_cluster) as c:
+        fut = c.submit(fail_in_subprocess, "thing")
+        with pytest.raises(KeyError, match="missing thing") as info:
+            fut.result()
+        text = "".join(traceback.format_exception(info.value))
+        assert "fail_in_subprocess" in text
+        assert "fail_in_subprocess" in "".join(traceback.format_tb(fut.traceback()))
+        # a dependent fails with the same exception type
+        with pytest.raises(KeyError):
+            c.submit(inc, fut).result()
+
+
+def test_process_cluster_dask_collections(process_cluster):
+    da = pytest.importorskip("dask.array")
+    dd = pytest.importorskip("dask.dataframe")
+    pd = pytest.importorskip("pandas")
+
+    pdf = pd.DataFrame({"g": [i % 3 for i in range(60)], "x": range(60)})
+    ddf = dd.from_pandas(pdf, npartitions=4)
+    x = da.arange(400, chunks=50)
+    with Client(process_cluster) as c:
+        got = ddf.groupby("g").x.sum().compute(scheduler=c.get)
+        pd.testing.assert_series_equal(got, pdf.groupby("g").x.sum())
+        assert (x * 2).sum().compute(scheduler=c.get) == 2 * sum(range(400))
+        assert c.compute(x.max()).result() == 399
+
+
 def test_process_cluster_workers_property_and_repr(process_cluster):
     workers = process_cluster.workers
     assert len(workers) == 2
@@ -107,6 +141,54 @@ def test_cluster_close_is_idempotent_and_cluster_outlives_client():
         cluster.close()
         cluster.close()
     assert cluster.status == "closed"
+
+
+def test_worker_resources_and_memory_limit_in_scheduler_info():
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=False,
+            resources=[{"GPU": 2}, {"FOO": 1}],
+            memory_limit="1GB",
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        workers = sorted(c.scheduler_info()["workers"].values(), key=lambda w: w["name"])
+        assert [w["name"] for w in workers] == ["0", "1"]
+        assert [w["resources"] for w in workers] == [{"GPU": 2}, {"FOO": 1}]
+        assert [w["memory_limit"] for w in workers] == [10**9, 10**9]
+        assert c.submit(inc, 1, resources={"FOO": 1}).result() == 2
+
+
+def _closed_port_address():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_client_to_dead_address_fails_and_leaves_no_thread():
+    import threading
+
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(OSError):  # TimeoutError is an OSError, as in dask.distributed
+        Client(_closed_port_address(), timeout=0.5)
+    left = [t.name for t in threading.enumerate() if t.ident not in before]
+    assert left == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_loop.py LoopThread.run rewrites every TimeoutError raised by the coroutine "
+    "(concurrent.futures.TimeoutError is TimeoutError) as 'operation did not finish "
+    "within Nones', hiding the address",
+)
+def test_client_to_dead_address_error_names_the_address():
+    address = _closed_port_address()
+    with pytest.raises(OSError, match=address.split("//")[1]):
+        Client(address, timeout=0.5)
 
 
 def test_client_address_type_error():

@@ -34,7 +34,9 @@ from ..protocol.messages import (
     ReleaseKeys,
     Reply,
     Request,
+    Results,
     Scatter,
+    SetResources,
     TaskSpec,
     UpdateGraph,
 )
@@ -48,8 +50,10 @@ from ..protocol.serialize import (
     serialize_function,
     sizeof,
 )
+from ..resources import validate_resources, validate_worker_resources
 from ..versions import get_versions
 from .future import Future, FutureState
+from .plugins import PluginMethods
 from .graph import execute_node, flatten_keys, graph_to_tasks, pack_results, stringify
 
 logger = logging.getLogger("corral.client")
@@ -67,7 +71,7 @@ def default_client() -> Client:
     raise ValueError("no Corral client is running: create one with corral.Client()")
 
 
-class Client:
+class Client(PluginMethods):
     """Connect to a Corral scheduler (or start a local cluster) and run work on it.
 
     Example::
@@ -111,6 +115,7 @@ class Client:
         self._futures: dict[str, FutureState] = {}
         self._conn: Connection | None = None
         self._workers: dict[str, Connection] = {}
+        self._worker_locks: dict[str, asyncio.Lock] = {}
         self._requests: dict[int, asyncio.Future[Any]] = {}
         self._request_ids = itertools.count(1)
         self._order = itertools.count()
@@ -124,7 +129,11 @@ class Client:
         if not asynchronous:
             self._loop_thread = LoopThread(name="corral-client")
             self.loop = self._loop_thread.loop
-            self._loop_thread.run(self._start(), timeout=None)
+            try:
+                self._loop_thread.run(self._start(), timeout=None)
+            except BaseException:
+                self._loop_thread.stop()  # no thread left behind by a failed start
+                raise
 
     # -- lifecycle -----------------------------------------------------------------
     def __await__(self) -> Any:
@@ -157,15 +166,20 @@ class Client:
             self._address = self.cluster.scheduler_address
         assert self._address is not None
         deadline = asyncio.get_running_loop().time() + self.timeout
-        conn, welcome = await connect_with_retry(
-            self._address,
-            deadline=deadline,
-            role="client",
-            my_id=self.id,
-            name=self.name,
-            token=self.token,
-            versions=get_versions(),
-        )
+        try:
+            conn, welcome = await connect_with_retry(
+                self._address,
+                deadline=deadline,
+                role="client",
+                my_id=self.id,
+                name=self.name,
+                token=self.token,
+                versions=get_versions(),
+            )
+        except BaseException:
+            if self._own_cluster and self.cluster is not None:
+                await self.cluster._close()
+            raise
         self._conn = conn
         conn.set_handler(self._on_messages)
         conn.on_close(self._on_scheduler_closed)
@@ -329,6 +343,11 @@ class Client:
                         fut.set_exception(RuntimeError(msg.error))
                     else:
                         fut.set_result(msg.result)
+            elif kind is Results:  # plugins and run (client/plugins.py)
+                assert isinstance(msg, Results)
+                fut = self._requests.get(msg.id)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
             else:
                 logger.warning("ignoring unexpected op %r from the scheduler", kind.op)
 
@@ -383,12 +402,14 @@ class Client:
     ) -> dict[str, Any]:
         if isinstance(workers, str):
             workers = [workers]
+        # Refused here, before anything is sent: negative, NaN, infinite, non-numbers.
+        resources = validate_resources(resources, "resources")
         return {
             "priority": [-priority, next(self._order)],
             "workers": list(workers) if workers else None,
             "allow_other_workers": allow_other_workers,
             "retries": retries or 0,
-            "resources": dict(resources) if resources else None,
+            "resources": resources or None,
         }
 
     def submit(
@@ -486,7 +507,7 @@ class Client:
     # -- graphs ----------------------------------------------------------------------
     def _submit_graph(
         self,
-        dsk: Mapping[Hashable, Any],
+        dsk: Any,  # a graph mapping, a HighLevelGraph or a dask expression
         keys: list[Hashable],
         *,
         priority: int = 0,
@@ -496,18 +517,30 @@ class Client:
         resources: dict[str, float] | None = None,
     ) -> dict[Hashable, Future]:
         table = FunctionTable()
-        tasks, _external = graph_to_tasks(dsk, table)
+        # dask.annotate(...) around the call: defaults for every task (explicit
+        # arguments win), as in dask.distributed; per-task annotations win over both.
+        glob = _call_time_annotations()
+        priority = priority or glob.get("priority", 0)
+        workers = workers or glob.get("workers")
+        allow_other_workers = allow_other_workers or bool(glob.get("allow_other_workers"))
+        retries = retries or glob.get("retries", 0)
+        resources = resources or glob.get("resources")
+        per_task: dict[str, dict[str, Any]] = {}
+        tasks, _external = graph_to_tasks(dsk, table, annotations=per_task)
         fid, fn_payload = self._function_id(execute_node)
         options = self._task_options(priority, workers, allow_other_workers, retries, resources)
         base = options.pop("priority")
+        annotated = {k: _annotated_options(k, a, options, base) for k, a in per_task.items()}
         # Functions that travel by value go once per graph; every task may use them.
         needs = list(table.payloads) or None
-        specs = [
-            TaskSpec(
-                key=k, args=args, fn=fid, needs=needs, deps=deps, priority=[*base, order], **options
+        specs = []
+        for k, args, deps, order in tasks:
+            opts, prio = annotated.get(k) or (options, base)
+            specs.append(
+                TaskSpec(
+                    key=k, args=args, fn=fid, needs=needs, deps=deps, priority=[*prio, order], **opts
+                )
             )
-            for k, args, deps, order in tasks
-        ]
         wanted = {stringify(k): k for k in keys}
         futures = {orig: Future(skey, self) for skey, orig in wanted.items()}
         functions = {fid: fn_payload, **table.payloads}
@@ -542,6 +575,8 @@ class Client:
             retries=retries,
             resources=resources,
         )
+        if not sync:  # as dask.distributed: futures, in the nesting of ``keys``
+            return pack_results(keys, futures)
         if self.asynchronous and asynchronous is not False:
             return self._get_async(keys, futures)
         values = self.gather(list(futures.values()))
@@ -576,7 +611,7 @@ class Client:
             expr = collections_to_expr([coll], kwargs.get("optimize_graph", True))
             expr = FinalizeCompute(expr).optimize()
             out_keys = list(flatten_keys(expr.__dask_keys__()))
-            parts = self._submit_graph(expr.__dask_graph__(), out_keys, **_graph_options(kwargs))
+            parts = self._submit_graph(expr, out_keys, **_graph_options(kwargs))
             futures.append(parts[out_keys[0]])
         if sync:
             futures = self.gather(futures)
@@ -597,7 +632,7 @@ class Client:
             expr = collections_to_expr([coll], kwargs.get("optimize_graph", True)).optimize()
             (keys,) = expr.__dask_keys__()  # one collection: its (nested) keys
             out_keys = list(flatten_keys(keys))
-            futures = self._submit_graph(expr.__dask_graph__(), out_keys, **_graph_options(kwargs))
+            futures = self._submit_graph(expr, out_keys, **_graph_options(kwargs))
             rebuild, args = coll.__dask_postpersist__()
             out.append(rebuild(futures, *args))
         return out[0] if single else out
@@ -641,9 +676,27 @@ class Client:
             by_worker: dict[str, list[FutureState]] = {}
             unknown = [fs for fs in todo if not fs.who_has]
             if unknown or attempt:
+                finishes = [fs.finishes for fs in todo]
                 who_has = await self._request("who_has", keys=[fs.key for fs in todo])
                 for fs in todo:
                     fs.who_has = who_has.get(fs.key, [])
+                # In memory nowhere: every holder died and the scheduler is computing the
+                # key again (or will report it lost).  Wait for that, as dask does.
+                again = [
+                    fs for fs, n in zip(todo, finishes, strict=True)
+                    if not fs.who_has and fs.finishes == n
+                ]  # fmt: skip
+                if again:
+                    for fs in again:
+                        if fs.status != "finished":  # meanwhile reported lost or erred
+                            raise fs.exception()
+                        fs.reset()
+                    await asyncio.gather(*(fs.wait_async() for fs in again))
+                    for fs in again:
+                        if fs.status != "finished":
+                            raise fs.exception()
+                    todo = [fs for fs in todo if not fs.has_value and fs.payload is None]
+                    continue
             for fs in todo:
                 if fs.who_has:
                     by_worker.setdefault(fs.who_has[attempt % len(fs.who_has)], []).append(fs)
@@ -664,12 +717,27 @@ class Client:
         return [fs.value if fs.has_value else self._unpack(fs) for fs in states]
 
     async def _get_from_worker(self, address: str, group: list[FutureState]) -> None:
+        lock = self._worker_locks.get(address)
+        if lock is None:
+            lock = self._worker_locks[address] = asyncio.Lock()
+        # Replies are not tagged and a connection has one reader: one request at a
+        # time per worker (several threads may be fetching results at once).
+        async with lock:
+            await self._get_from_worker_locked(address, group)
+
+    async def _get_from_worker_locked(self, address: str, group: list[FutureState]) -> None:
         conn = self._workers.get(address)
         if conn is None or conn.closed:
             conn, _ = await connect(address, role="client", my_id=self.id, token=self.token)
             self._workers[address] = conn
         conn.send(GetData(keys=[fs.key for fs in group]))
-        reply = await conn.recv(timeout=self.timeout * 10)
+        try:
+            reply = await conn.recv(timeout=self.timeout * 10)
+        except BaseException:
+            conn.abort("no reply to get_data")  # a late reply must not answer the next one
+            if self._workers.get(address) is conn:
+                del self._workers[address]
+            raise
         if not isinstance(reply, Data):
             conn.abort("unexpected reply")
             raise CommClosedError(f"unexpected reply from {address}")
@@ -819,6 +887,33 @@ class Client:
             coro = _first_value(coro, keys[0])
         return self._sync(coro)
 
+    def set_resources(self, worker: str, resources: Mapping[str, Any]) -> Any:
+        """Change what ``worker`` offers, at run time; see ``Worker.set_resources``.
+
+        The named resources are replaced (``{"GPU": 0}`` offers none,
+        ``{"GPU": [0, 1]}`` two indexed GPUs); the worker's others stay.  Tasks
+        waiting for a worker are placed again; tasks queued on ``worker`` that
+        no longer fit go elsewhere.  Raises ``ValueError`` for invalid values
+        (before anything is sent) and ``RuntimeError`` if the worker is unknown.
+
+        Example::
+
+            client.set_resources("tcp://10.0.0.5:40123", {"GPU": 2})
+        """
+        offer = validate_worker_resources(resources, "set_resources")
+        return self._sync(self._set_resources(worker, offer))
+
+    async def _set_resources(self, worker: str, offer: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        rid = next(self._request_ids)
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._requests[rid] = fut
+        self._send(SetResources(resources=offer, worker=worker, id=rid))
+        try:
+            await asyncio.wait_for(fut, self.timeout * 10)
+        finally:
+            self._requests.pop(rid, None)
+
     def story(self, key: Any) -> Any:
         """The scheduler's transition log of one key."""
         k = key.key if isinstance(key, Future) else stringify(key)
@@ -910,6 +1005,43 @@ def _scatter_result(client: Client, data: Any, names: dict[Any, str], single: bo
     if isinstance(data, dict):
         return futures
     return type(data)(futures[i] for i in range(len(futures))) if not isinstance(data, set | frozenset) else list(futures.values())
+
+
+def _call_time_annotations() -> dict[str, Any]:
+    """``dask.get_annotations()`` if dask is in use (annotations active around the call)."""
+    import sys
+
+    dask = sys.modules.get("dask")
+    getter = getattr(dask, "get_annotations", None)
+    return dict(getter()) if callable(getter) else {}
+
+
+def _annotated_options(
+    key: str, annotations: dict[str, Any], options: dict[str, Any], base: list[Any]
+) -> tuple[dict[str, Any], list[Any]]:
+    """The task options and base priority of one annotated graph task."""
+    opts = dict(options)
+    prio = base
+    if "resources" in annotations:
+        opts["resources"] = (
+            validate_resources(annotations["resources"], f"resources annotation of {key!r}") or None
+        )
+    if "workers" in annotations:
+        w = annotations["workers"]
+        opts["workers"] = [w] if isinstance(w, str) else (list(w) if w else None)
+    if "allow_other_workers" in annotations:
+        opts["allow_other_workers"] = bool(annotations["allow_other_workers"])
+    if "retries" in annotations:
+        r = annotations["retries"]
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"retries annotation of {key!r} must be a non-negative integer, got {r!r}")
+        opts["retries"] = r
+    if "priority" in annotations:
+        p = annotations["priority"]
+        if isinstance(p, bool) or not isinstance(p, int | float):
+            raise ValueError(f"priority annotation of {key!r} must be a number, got {p!r}")
+        prio = [-p, *base[1:]]
+    return opts, prio
 
 
 def _graph_options(kwargs: dict[str, Any]) -> dict[str, Any]:

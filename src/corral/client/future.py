@@ -57,6 +57,7 @@ class FutureState:
         "_event",
         "error",
         "exception_obj",
+        "finishes",
         "has_value",
         "key",
         "lock",
@@ -78,6 +79,7 @@ class FutureState:
         self.exception_obj: BaseException | None = None
         self.who_has: list[str] = []
         self.typename: str | None = None
+        self.finishes = 0  # how many times the scheduler said the key is in memory
         self.refs = 0
         self.lock = lock
         self._event: threading.Event | None = None
@@ -93,6 +95,7 @@ class FutureState:
         """The key is in memory on the cluster."""
         self.who_has = who_has
         self.typename = typename
+        self.finishes += 1
         if payload is not None and not self.has_value:
             self.payload = payload
         self._complete("finished")

@@ -12,6 +12,7 @@ each dependency that the worker replaces by the dependency's value.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
@@ -45,7 +46,9 @@ def execute_node(node: Any, values: dict[Hashable, Any]) -> Any:
 
 
 def graph_to_tasks(
-    dsk: Any, table: FunctionTable | None = None
+    dsk: Any,
+    table: FunctionTable | None = None,
+    annotations: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[tuple[str, Payload, list[str], int]], set[str]]:
     """Convert a dask graph into ``(key, args payload, dependency keys, order)`` tuples.
 
@@ -53,10 +56,15 @@ def graph_to_tasks(
     futures).  Aliases of a key to itself (a persisted collection pointing at
     its own futures) produce no task.  Functions that must travel by value
     (defined in ``__main__``, lambdas) are pickled once into ``table``.
+
+    If ``annotations`` is given, it is filled with each task's ``dask.annotate``
+    annotations (scheduler key -> {"resources": ..., "retries": ...}), also for
+    tasks that dask's optimisation fused (see :func:`task_annotations`).
     """
     table = table if table is not None else FunctionTable()
     from dask._task_spec import Alias, GraphNode, convert_legacy_graph
 
+    source = dsk
     if hasattr(dsk, "__dask_graph__"):  # a dask expression, as dask.compute passes
         dsk = dsk.__dask_graph__()
     try:
@@ -77,6 +85,7 @@ def graph_to_tasks(
             continue
         if not isinstance(node, GraphNode):
             raise TypeError(f"graph value for {key!r} is not a task: {type(node).__name__}")
+        node = _refs_for_futures(node)
         dep_map = {dep: Ref(stringify(dep)) for dep in node.dependencies}
         args, _ = table.dumps(((node, dep_map), {}))
         tasks.append((skey, args, [stringify(d) for d in node.dependencies], priorities.get(key, i)))
@@ -84,4 +93,162 @@ def graph_to_tasks(
         for d in deps:
             if d not in defined:
                 external.add(d)
+    if annotations is not None:
+        annotations.update(task_annotations(source, nodes))
     return tasks, external
+
+
+def _refs_for_futures(node: Any) -> Any:
+    """Make futures given straight to a task (``delayed(f)(future)``) its dependencies.
+
+    dask's ``Task`` only counts its own ``TaskRef`` class among its arguments as
+    a dependency (``distributed.Future`` subclasses it), and leaves futures
+    inside plain lists and dicts of arguments alone.
+    """
+    from dask._task_spec import Task, TaskRef, parse_input
+
+    from .future import Future
+
+    def has_future(obj: Any) -> bool:
+        kind = type(obj)
+        if kind is Future:
+            return True
+        if kind in (list, tuple, set, frozenset):
+            return any(has_future(o) for o in obj)
+        if kind is dict:
+            return any(has_future(v) for v in obj.values())
+        return False
+
+    if type(node) is not Task:
+        return node
+    if not any(has_future(a) for a in (*node.args, *node.kwargs.values())):
+        return node
+
+    def ref(a: Any) -> Any:
+        if type(a) is Future:
+            return TaskRef(a.key)
+        return parse_input(a) if has_future(a) else a  # futures inside become aliases
+
+    return Task(
+        node.key,
+        node.func,
+        *(ref(a) for a in node.args),
+        _data_producer=node.data_producer,
+        **{k: ref(v) for k, v in node.kwargs.items()},
+    )
+
+
+# ---------------------------------------------------------------------------
+# Annotations (issue 3: worker resources)
+# ---------------------------------------------------------------------------
+# ``dask.annotate(resources=...)`` marks the layers of a HighLevelGraph.  By the
+# time a graph reaches ``client.get`` dask has optimised it: blockwise and
+# linear fusion merge tasks into one (keeping the last key) and the optimised
+# graph's layers lose their annotations.  So annotations are read from the
+# graphs *before* low-level optimisation (the ``hlg`` of every ``HLGExpr`` in
+# the expression, or ``__dask_annotations__()``), and each optimised task
+# collects the annotations of every original task fused into it: the original
+# tasks it reaches through the original dependencies without passing another
+# task of the optimised graph.  Fused annotations combine: ``resources`` take
+# the largest demand of each resource, ``retries`` and ``priority`` the largest
+# value, anything else the task's own value or else the first one found.
+
+_MAX_MERGED = ("retries", "priority")
+
+
+def _merge_annotation(into: dict[str, Any], found: Mapping[str, Any]) -> None:
+    for name, value in found.items():
+        if name not in into:
+            is_demand = name == "resources" and isinstance(value, Mapping)
+            into[name] = dict(value) if is_demand else value
+        elif name == "resources" and isinstance(value, Mapping) and isinstance(into[name], dict):
+            for r, amount in value.items():
+                have = into[name].get(r)
+                with contextlib.suppress(TypeError):  # not numbers: validation reports it
+                    into[name][r] = amount if have is None else max(have, amount)
+        elif name in _MAX_MERGED:
+            with contextlib.suppress(TypeError):
+                into[name] = max(into[name], value)
+
+
+def _hlgs(source: Any) -> list[Any]:
+    """The HighLevelGraphs (before low-level optimisation) inside ``source``."""
+    try:
+        from dask._expr import Expr, HLGExpr
+        from dask.highlevelgraph import HighLevelGraph
+    except ImportError:  # pragma: no cover - dask missing or too old
+        return []
+    if isinstance(source, HighLevelGraph):
+        return [source]
+    out = []
+    if isinstance(source, Expr):
+        for node in source.walk():
+            if isinstance(node, HLGExpr):
+                hlg = node.hlg
+                if isinstance(hlg, HighLevelGraph):
+                    out.append(hlg)
+    return out
+
+
+def raw_annotations(source: Any) -> tuple[dict[Hashable, dict[str, Any]], list[Any]]:
+    """Annotations by original key, and the annotated HighLevelGraphs they came from."""
+    by_key: dict[Hashable, dict[str, Any]] = {}
+    hlgs = []
+    for hlg in _hlgs(source):
+        annotated = False
+        for layer in hlg.layers.values():
+            annots = getattr(layer, "annotations", None)
+            if not annots:
+                continue
+            annotated = True
+            for k in layer:
+                entry = by_key.setdefault(k, {})
+                for name, value in annots.items():
+                    entry[name] = value(k) if callable(value) else value
+        if annotated:
+            hlgs.append(hlg)
+    getter = getattr(source, "__dask_annotations__", None)
+    if callable(getter):
+        try:
+            by_type = getter()
+        except Exception:  # annotations are best effort, never fatal
+            by_type = {}
+        for name, per_key in (by_type or {}).items():
+            for k, value in per_key.items():
+                by_key.setdefault(k, {}).setdefault(name, value)
+    return by_key, hlgs
+
+
+def task_annotations(source: Any, nodes: Mapping[Hashable, Any]) -> dict[str, dict[str, Any]]:
+    """Each task's annotations (scheduler key -> annotations), fused tasks included."""
+    by_key, hlgs = raw_annotations(source)
+    if not by_key:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    fused_away = any(k not in nodes for k in by_key)
+    raw_deps: dict[Hashable, Any] = {}
+    if fused_away:
+        for hlg in hlgs:
+            # without them, fused tasks go unannotated
+            with contextlib.suppress(Exception):
+                raw_deps.update(hlg.get_all_dependencies())
+    for key in nodes:
+        merged: dict[str, Any] = {}
+        own = by_key.get(key)
+        if own:
+            _merge_annotation(merged, own)
+        if raw_deps:
+            stack = list(raw_deps.get(key, ()))
+            seen = {key}
+            while stack:
+                k = stack.pop()
+                if k in seen or k in nodes:
+                    continue
+                seen.add(k)
+                found = by_key.get(k)
+                if found:
+                    _merge_annotation(merged, found)
+                stack.extend(raw_deps.get(k, ()))
+        if merged:
+            out[stringify(key)] = merged
+    return out

@@ -18,6 +18,8 @@ import psutil
 from .._loop import LoopThread
 from ..comm.handshake import connect_with_retry
 from ..protocol.messages import Reply, Request
+from ..resources import format_resources as _format_resources
+from ..resources import validate_worker_resources
 from ..scheduler.server import Scheduler
 from ..worker.server import Worker
 
@@ -35,7 +37,7 @@ def default_sizing(cores: int | None = None) -> tuple[int, int]:
 
 def format_resources(resources: dict[str, Any]) -> str:
     """``{"GPU": 2, "MEM": 1e9}`` -> ``"GPU=2,MEM=1000000000.0"`` (the CLI's syntax)."""
-    return ",".join(f"{k}={v}" for k, v in resources.items())
+    return _format_resources(resources)
 
 
 class LocalCluster:
@@ -60,11 +62,15 @@ class LocalCluster:
         host: str = "127.0.0.1",
         scheduler_port: int = 0,
         memory_limit: int | str | None = "auto",
-        resources: dict[str, float] | list[dict[str, float]] | None = None,
+        resources: dict[str, Any] | list[dict[str, Any]] | None = None,
         asynchronous: bool = False,
         token: str | None = None,
         startup_timeout: float = 60.0,
         log_level: str = "WARNING",
+        preload: str | list[str] | None = None,
+        preload_argv: list[str] | None = None,
+        worker_preload: str | list[str] | None = None,
+        worker_preload_argv: list[str] | None = None,
         **unused: Any,
     ) -> None:
         default_n, default_t = default_sizing()
@@ -77,6 +83,13 @@ class LocalCluster:
         self.processes = processes
         self.host = host
         self.scheduler_port = scheduler_port
+        if isinstance(resources, list):
+            resources = [
+                validate_worker_resources(r, f"LocalCluster resources of worker {i}")
+                for i, r in enumerate(resources)
+            ]
+        elif resources is not None:
+            resources = validate_worker_resources(resources, "LocalCluster resources")
         self.resources = resources
         if isinstance(resources, list) and len(resources) != n_workers:
             raise ValueError(
@@ -88,6 +101,13 @@ class LocalCluster:
         self.token = token
         self.startup_timeout = startup_timeout
         self.log_level = log_level
+        # Preloads (corral.preload): ``preload`` for the scheduler, ``worker_preload``
+        # for every worker; None: $CORRAL_SCHEDULER_PRELOAD / $CORRAL_WORKER_PRELOAD /
+        # $CORRAL_PRELOAD.
+        self.preload = [preload] if isinstance(preload, str) else preload
+        self.preload_argv = list(preload_argv or [])
+        self.worker_preload = [worker_preload] if isinstance(worker_preload, str) else worker_preload
+        self.worker_preload_argv = list(worker_preload_argv or [])
         self.scheduler_address = ""
         self.status = "created"
         self._tmpdir = tempfile.mkdtemp(prefix="corral-")
@@ -129,7 +149,11 @@ class LocalCluster:
             await self._start_scheduler_process()
         else:
             self._scheduler = await Scheduler(
-                host=self.host, port=self.scheduler_port, token=self.token
+                host=self.host,
+                port=self.scheduler_port,
+                token=self.token,
+                preload=self.preload,
+                preload_argv=self.preload_argv,
             ).start()
             self.scheduler_address = self._scheduler.address
         self.status = "running"
@@ -143,6 +167,7 @@ class LocalCluster:
             "--host", self.host, "--port", str(self.scheduler_port),
             "--scheduler-file", sched_file, "--log-level", self.log_level,
         ]  # fmt: skip
+        cmd += _preload_args(self.preload, self.preload_argv)
         self._scheduler_proc = subprocess.Popen(cmd, env=self._env())
         deadline = time.monotonic() + self.startup_timeout
         while not os.path.exists(sched_file):
@@ -170,7 +195,7 @@ class LocalCluster:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         return env
 
-    def _worker_resources(self, index: int) -> dict[str, float] | None:
+    def _worker_resources(self, index: int) -> dict[str, Any] | None:
         if isinstance(self.resources, list):
             return self.resources[index] if index < len(self.resources) else None
         return self.resources
@@ -185,8 +210,9 @@ class LocalCluster:
                 "--memory-limit", str(self.memory_limit), "--no-nanny",
                 "--log-level", self.log_level,
             ]  # fmt: skip
-            if resources:
+            if resources is not None:  # "" too: explicit, not $CORRAL_WORKER_RESOURCES
                 cmd += ["--resources", format_resources(resources)]
+            cmd += _preload_args(self.worker_preload, self.worker_preload_argv)
             self._worker_procs[name] = subprocess.Popen(cmd, env=self._env())
         else:
             worker = Worker(
@@ -196,6 +222,8 @@ class LocalCluster:
                 memory_limit=self.memory_limit,
                 resources=resources,
                 token=self.token,
+                preload=self.worker_preload,
+                preload_argv=self.worker_preload_argv,
             )
             self._workers[name] = await worker.start()
 
@@ -313,6 +341,13 @@ class LocalCluster:
             f"LocalCluster({self.scheduler_address!r}, workers={len(self.workers)}, "
             f"threads={len(self.workers) * self.threads_per_worker}, {kind})"
         )
+
+
+def _preload_args(preload: list[str] | None, argv: list[str]) -> list[str]:
+    """``--preload`` options for a ``corral`` command, the preloads' own options last."""
+    if not preload:
+        return []
+    return [arg for p in preload for arg in ("--preload", p)] + list(argv)
 
 
 async def _terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

@@ -601,3 +601,190 @@ class KeyCancelled(Message):
     key: str
     reason: str = "cancelled"
     lost: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Worker resources (issue 3): changing what a worker offers at run time
+# ---------------------------------------------------------------------------
+@record
+class SetResources(Message):
+    """Change what a worker offers; the named resources are replaced, others kept.
+
+    Values are amounts, or lists of indices (``[0, 1]``: indexed, amount 2).
+    Three uses, told apart by the sender:
+
+    * client -> scheduler: set the resources of ``worker``; answered by a
+      :class:`Reply` with the same ``id`` (an error if the worker is unknown or
+      the values are invalid);
+    * scheduler -> worker: your resources are now these;
+    * worker -> scheduler: my resources are now these (``worker`` and ``id``
+      unset), after ``Worker.set_resources`` on the worker itself.
+    """
+
+    op: ClassVar[str] = "set_resources"
+    resources: dict[str, Any]
+    worker: str | None = None
+    id: int | None = None
+
+
+# ---------------------------------------------------------------------------
+# Plugins and run (issue 4): code shipped to workers and the scheduler.
+# Payloads here are opaque to the scheduler, except those of
+# register_scheduler_plugin and run_on_scheduler, which are meant to run on it.
+# ---------------------------------------------------------------------------
+@record
+class Outcome(Record):
+    """One worker's (or the scheduler's) answer: a pickled ``result`` or an ``error``."""
+
+    result: Payload | None = None
+    error: ErrorInfo | None = None
+
+
+@record
+class RegisterWorkerPlugin(Message):
+    """Client -> scheduler: keep this worker plugin and set it up on every worker.
+
+    ``plugin`` stays opaque to the scheduler; it is handed to every current
+    worker and to every worker that joins later (``setup_plugin``).  A name
+    already registered is replaced (torn down, then set up anew) unless
+    ``idempotent``, which keeps the first.  Answered by :class:`Results`: one
+    outcome per current worker.
+    """
+
+    op: ClassVar[str] = "register_worker_plugin"
+    id: int
+    name: str
+    plugin: Payload
+    idempotent: bool = False
+
+
+@record
+class UnregisterWorkerPlugin(Message):
+    """Client -> scheduler: forget a worker plugin and tear it down on every worker.
+
+    Answered by :class:`Results`; an unknown ``name`` is an error (ValueError).
+    """
+
+    op: ClassVar[str] = "unregister_worker_plugin"
+    id: int
+    name: str
+
+
+@record
+class RegisterSchedulerPlugin(Message):
+    """Client -> scheduler: unpickle this plugin on the scheduler, start and add it.
+
+    The one op (with ``run_on_scheduler``) whose payload the scheduler loads:
+    accepted from clients only, that is from peers that passed the handshake
+    (and its token check when the scheduler has a token).  Answered by
+    :class:`Results`.
+    """
+
+    op: ClassVar[str] = "register_scheduler_plugin"
+    id: int
+    name: str
+    plugin: Payload
+    idempotent: bool = False
+
+
+@record
+class UnregisterSchedulerPlugin(Message):
+    """Client -> scheduler: close and remove a scheduler plugin; answered by :class:`Results`."""
+
+    op: ClassVar[str] = "unregister_scheduler_plugin"
+    id: int
+    name: str
+
+
+@record
+class Run(Message):
+    """Client -> scheduler: call ``function(*args, **kwargs)`` on workers.
+
+    ``args`` holds the pickled ``(args, kwargs)``.  ``workers``: addresses or
+    names (all workers when unset).  The scheduler forwards ``worker_run`` to
+    each and answers with :class:`Results`, one outcome per worker.  With
+    ``wait`` false, a coroutine function is started and not awaited.
+    """
+
+    op: ClassVar[str] = "run"
+    id: int
+    function: Payload
+    args: Payload
+    workers: list[str] | None = None
+    wait: bool = True
+
+
+@record
+class RunOnScheduler(Message):
+    """Client -> scheduler: call ``function(*args, **kwargs)`` on the scheduler itself.
+
+    Clients only (see :class:`RegisterSchedulerPlugin`); answered by
+    :class:`Results` with one outcome under the scheduler's address.
+    """
+
+    op: ClassVar[str] = "run_on_scheduler"
+    id: int
+    function: Payload
+    args: Payload
+
+
+@record
+class Results(Message):
+    """Scheduler -> client: the answer to the ops above with the same ``id``.
+
+    ``outcomes`` maps each worker address (or the scheduler's) to what it
+    answered; ``error`` is set when the request as a whole failed.
+    """
+
+    op: ClassVar[str] = "results"
+    id: int
+    outcomes: dict[str, Outcome] = dataclasses.field(default_factory=dict)
+    error: ErrorInfo | None = None
+
+
+@record
+class SetupPlugin(Message):
+    """Scheduler -> worker: load and set up this plugin (replacing one of the same name).
+
+    ``registration`` identifies one registration: a worker that already set
+    it up (it reconnected) answers at once.  Messages after this one are
+    handled once the setup finished.  Answered by :class:`WorkerResult`.
+    """
+
+    op: ClassVar[str] = "setup_plugin"
+    id: int
+    name: str
+    plugin: Payload
+    registration: str
+
+
+@record
+class TeardownPlugin(Message):
+    """Scheduler -> worker: tear down and forget plugin ``name``; answered by :class:`WorkerResult`."""
+
+    op: ClassVar[str] = "teardown_plugin"
+    id: int
+    name: str
+
+
+@record
+class WorkerRun(Message):
+    """Scheduler -> worker: call a function on the worker (see :class:`Run`).
+
+    Answered by :class:`WorkerResult`.
+    """
+
+    op: ClassVar[str] = "worker_run"
+    id: int
+    function: Payload
+    args: Payload
+    wait: bool = True
+
+
+@record
+class WorkerResult(Message):
+    """Worker -> scheduler: the answer to ``setup_plugin``, ``teardown_plugin`` or ``worker_run``."""
+
+    op: ClassVar[str] = "worker_result"
+    id: int
+    outcome: Outcome

@@ -3,8 +3,9 @@
 Filters, in order: the worker runs the task's runtime; explicit ``workers=``
 restrictions (relaxed with ``allow_other_workers``); resources offered in at
 least the demanded amount.  Among what is left the cost is the estimated
-time until the task could start there: queued work per thread plus the time
-to move the input bytes the worker does not hold.  Every constraint composes
+time until the task could start there: queued work per thread (or, for a
+task demanding resources, per unit of the scarcest demanded resource) plus
+the time to move the input bytes the worker does not hold.  Every constraint composes
 because each is just another filter.
 """
 
@@ -57,7 +58,23 @@ def start_cost(ts: TaskState, ws: WorkerInfo) -> float:
     for dep in ts.deps:
         if ws not in dep.who_has:
             missing += dep.nbytes
-    return ws.occupancy / ws.nthreads + missing / BANDWIDTH
+    return _queue_time(ts, ws) + missing / BANDWIDTH
+
+
+def _queue_time(ts: TaskState, ws: WorkerInfo) -> float:
+    """Queued work per thread, or per unit of a demanded resource if that is scarcer.
+
+    A worker with many threads but one GPU runs one GPU task at a time: for a
+    GPU task its queue is the GPU work assigned to it divided by its GPUs.
+    """
+    queued = ws.occupancy / ws.nthreads
+    if ts.resources:
+        occ = ws.resource_occupancy
+        for name in ts.resources:
+            total = ws.resources.get(name, 0)
+            if total > 0:
+                queued = max(queued, occ.get(name, 0.0) / total)
+    return queued
 
 
 def choose_worker(ts: TaskState, workers: dict[str, WorkerInfo]) -> WorkerInfo | None:
@@ -76,7 +93,7 @@ def choose_worker(ts: TaskState, workers: dict[str, WorkerInfo]) -> WorkerInfo |
         # Price only the workers holding inputs, plus the least loaded one.
         holders = {ws for dep in ts.deps for ws in dep.who_has}
         near = [ws for ws in pool if ws in holders]
-        near.append(min(pool, key=_load))
+        near.append(min(pool, key=lambda ws: (_queue_time(ts, ws), len(ws.processing))))
         pool = near
     return min(pool, key=lambda ws: (start_cost(ts, ws), len(ws.processing), ws.address))
 

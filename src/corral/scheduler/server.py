@@ -32,20 +32,31 @@ from ..protocol.messages import (
     Reply,
     Request,
     Scatter,
+    SetResources,
     TaskErred,
     TaskFinished,
     Unregister,
     UpdateGraph,
+    WorkerResult,
 )
+from ..resources import validate_resources, validate_worker_resources
 from ..versions import get_versions
+from .plugin_host import PLUGIN_CLIENT_OPS, PluginHost
 from .state import ClientJoined, ClientLeft, SchedulerState, WorkerLeft
 
 logger = logging.getLogger("corral.scheduler")
 
 DEFAULT_PORT = 8786
 
-WORKER_OPS = frozenset({TaskFinished, TaskErred, AddKeys, MissingData, Heartbeat, Unregister})
-CLIENT_OPS = frozenset({UpdateGraph, ReleaseKeys, CancelKeys, Scatter, Request, Heartbeat})
+WORKER_OPS = frozenset(
+    {TaskFinished, TaskErred, AddKeys, MissingData, Heartbeat, Unregister, SetResources}
+)
+CLIENT_OPS = frozenset(
+    {UpdateGraph, ReleaseKeys, CancelKeys, Scatter, Request, Heartbeat, SetResources}
+)
+# Plugins and run (corral.scheduler.plugin_host)
+WORKER_OPS = WORKER_OPS | {WorkerResult}
+CLIENT_OPS = CLIENT_OPS | PLUGIN_CLIENT_OPS
 
 
 class Scheduler:
@@ -67,6 +78,8 @@ class Scheduler:
         token: str | None = None,
         scheduler_file: str | None = None,
         allowed_failures: int = 3,
+        preload: str | list[str] | None = None,
+        preload_argv: list[Any] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -88,6 +101,11 @@ class Scheduler:
             "task_counts": self.state.task_counts,
             "versions": self.versions,
         }
+        # Plugins, preloads (imported here), run and events: corral.scheduler.plugin_host.
+        self._plugin_host = PluginHost(self, preload, preload_argv)
+        self.plugins: dict[str, Any] = self._plugin_host.plugins
+        self.requests["get_events"] = self._plugin_host.get_events
+        self._accepting = asyncio.Event()  # set once preloads are set up
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> Scheduler:
@@ -95,7 +113,13 @@ class Scheduler:
         self._server = await start_server(self.host, self.port, self._on_connection)
         sock = self._server.sockets[0].getsockname()
         self.address = format_address(self.host, sock[1])
+        try:
+            await self._plugin_host.start()  # preload setups, then plugins' start
+        except BaseException:
+            await self.close()
+            raise
         self.status = "running"
+        self._accepting.set()
         if self.scheduler_file:
             tmp = f"{self.scheduler_file}.tmp"
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
@@ -117,14 +141,45 @@ class Scheduler:
             conn.close("scheduler closing")
         if self._server is not None:
             self._server.close()
+        self._accepting.set()
+        await self._plugin_host.close()  # plugins' before_close/close, preload teardowns
         self._closed.set()
 
     async def finished(self) -> None:
         """Wait until the scheduler has closed."""
         await self._closed.wait()
 
+    # -- plugins and events (corral.scheduler.plugin_host) ---------------------------
+    @property
+    def workers(self) -> dict[str, Any]:
+        """Connected workers: address -> their record (``name``, ``nthreads``, ...)."""
+        return self.state.workers
+
+    def add_plugin(
+        self, plugin: Any, *, idempotent: bool | None = None, name: str | None = None
+    ) -> None:
+        """Add a :class:`~corral.SchedulerPlugin` (from a preload, say) to this scheduler."""
+        self._plugin_host.add_plugin(plugin, idempotent=idempotent, name=name)
+
+    def remove_plugin(self, name: str) -> None:
+        """Remove the scheduler plugin ``name`` (``ValueError`` if unknown)."""
+        self._plugin_host.remove_plugin(name)
+
+    def log_event(self, topic: str | list[str], msg: Any) -> None:
+        """Record an event; clients read them with ``client.get_events(topic)``."""
+        self._plugin_host.log_event(topic, msg)
+
+    def get_events(self, topic: str | None = None) -> Any:
+        """Recorded events of ``topic`` (``[[time, msg], ...]``), or of every topic."""
+        return self._plugin_host.get_events(topic)
+
     # -- connections ---------------------------------------------------------------
     async def _on_connection(self, conn: Connection) -> None:
+        if not self._accepting.is_set():
+            await self._accepting.wait()  # preloads first
+        if self.status != "running":
+            conn.close("the scheduler is not running")
+            return
         try:
             hs = await accept(
                 conn,
@@ -153,8 +208,15 @@ class Scheduler:
         if address in self._streams:
             conn.abort(f"a worker is already registered at {address}")
             return
+        try:
+            validate_resources(reg.resources, f"resources of worker {address}")
+        except ValueError as exc:
+            logger.warning("refused worker %s: %s", address, exc)
+            conn.abort(f"refused: {exc}")
+            return
         conn.info["address"] = address
         self._streams[address] = conn
+        self._plugin_host.worker_joining(address, conn)  # its plugins go first
         self._apply(address, [reg])
         logger.info("worker %s joined (%s, %d threads)", address, reg.name, reg.nthreads)
 
@@ -172,6 +234,16 @@ class Scheduler:
                         ws.metrics = msg.metrics
                 elif isinstance(msg, Unregister):
                     conn.info["expected"] = True
+                elif isinstance(msg, SetResources):
+                    try:
+                        validate_worker_resources(msg.resources, f"resources of worker {address}")
+                    except ValueError as exc:
+                        logger.warning("closing worker %s: %s", address, exc)
+                        conn.abort(f"invalid set_resources: {exc}")
+                        return
+                    events.append(SetResources(resources=msg.resources))
+                elif isinstance(msg, WorkerResult):
+                    self._plugin_host.worker_result(address, msg)
                 else:
                     events.append(msg)
             if events:
@@ -186,6 +258,7 @@ class Scheduler:
             del self._streams[address]
         expected = bool(conn.info.get("expected"))
         logger.info("worker %s left (%s)", address, conn.close_reason)
+        self._plugin_host.worker_left(address)
         if self.status == "running":
             self._apply(address, [WorkerLeft(address, expected=expected)])
 
@@ -215,6 +288,17 @@ class Scheduler:
                         self._apply(client_id, events)
                         events = []
                     self._scatter(client_id, conn, msg)
+                elif kind is SetResources:
+                    assert isinstance(msg, SetResources)
+                    if events:
+                        self._apply(client_id, events)
+                        events = []
+                    self._set_resources(client_id, conn, msg)
+                elif kind in PLUGIN_CLIENT_OPS:
+                    if events:
+                        self._apply(client_id, events)
+                        events = []
+                    self._plugin_host.handle_client(client_id, conn, msg)
                 elif kind is not Heartbeat:
                     events.append(msg)
             if events:
@@ -231,6 +315,8 @@ class Scheduler:
 
     # -- driving the state machine -------------------------------------------------
     def _apply(self, source: str, events: list[Any]) -> None:
+        plugins = self._plugin_host
+        mark = plugins.mark()
         try:
             out = self.state.handle(source, events)
         except Exception:
@@ -241,6 +327,22 @@ class Scheduler:
             conn = self._streams.get(recipient)
             if conn is not None and not conn.closed:
                 conn.send_many(msgs)
+        if plugins.active:
+            plugins.after(source, events, mark)  # scheduler plugin hooks
+
+    def _set_resources(self, client_id: str, conn: Connection, msg: SetResources) -> None:
+        error = None
+        if msg.worker not in self.state.workers:
+            error = f"unknown worker {msg.worker!r}"
+        else:
+            try:
+                validate_worker_resources(msg.resources, f"resources of worker {msg.worker}")
+            except ValueError as exc:
+                error = str(exc)
+        if error is None:
+            self._apply(client_id, [msg])
+        if msg.id is not None:
+            conn.send(Reply(id=msg.id, error=error, result=None if error else True))
 
     def _scatter(self, client_id: str, conn: Connection, msg: Scatter) -> None:
         if msg.workers:

@@ -40,6 +40,7 @@ from ..protocol.messages import (
     RegisterWorker,
     ReleaseKeys,
     Scatter,
+    SetResources,
     Store,
     TaskErred,
     TaskFinished,
@@ -47,6 +48,7 @@ from ..protocol.messages import (
     UpdateWhoHas,
 )
 from ..protocol.serialize import Payload
+from ..resources import resource_amounts, validate_resources
 from . import placement
 
 #: state -> states it may move to; anything else is a bug and raises at once.
@@ -157,6 +159,7 @@ class WorkerInfo:
         "occupancy",
         "pid",
         "processing",
+        "resource_occupancy",
         "resources",
         "runtime",
         "versions",
@@ -175,6 +178,8 @@ class WorkerInfo:
         self.processing: set[TaskState] = set()
         self.has_what: set[TaskState] = set()
         self.occupancy = 0.0
+        # resource name -> sum of (expected duration x amount) of tasks processing here
+        self.resource_occupancy: dict[str, float] = {}
         self.nbytes = 0
         self.metrics: dict[str, Any] = {}
 
@@ -248,6 +253,7 @@ class SchedulerState:
             WorkerLeft: self._worker_left,
             ClientJoined: self._client_joined,
             ClientLeft: self._client_left,
+            SetResources: self._set_resources,
             Scatter: self._scatter,
         }
 
@@ -307,12 +313,19 @@ class SchedulerState:
         for fid, payload in msg.functions.items():
             self.functions.setdefault(fid, payload)
         new: list[tuple[TaskState, list[str]]] = []
+        bad_resources: list[tuple[TaskState, str]] = []
         for spec in msg.tasks:
             if spec.key in self.tasks:
                 continue
             ts = TaskState(spec.key, spec.args, spec.fn)
             ts.priority = tuple(spec.priority)
             ts.resources = spec.resources or None
+            if ts.resources:
+                try:
+                    validate_resources(ts.resources, f"resources of task {spec.key!r}")
+                except ValueError as exc:
+                    bad_resources.append((ts, str(exc)))
+                    ts.resources = None
             ts.workers = spec.workers or None
             ts.allow_other_workers = spec.allow_other_workers
             ts.retries = spec.retries
@@ -346,6 +359,16 @@ class SchedulerState:
                 message=f"dependency {dk!r} of {ts.key!r} is unknown to the scheduler "
                 "(its future was released or cancelled)",
             )
+            while stack:
+                t = stack.pop()
+                if t.key not in doomed:
+                    doomed[t.key] = err
+                    orphans.append(t)
+                    stack.extend(t.dependents)
+        # Invalid resource demands (negative, NaN, infinite) doom a task the same way.
+        for bad, reason in bad_resources:
+            stack = [bad]
+            err = ErrorInfo(typename="ValueError", message=reason)
             while stack:
                 t = stack.pop()
                 if t.key not in doomed:
@@ -435,11 +458,39 @@ class SchedulerState:
     # -- workers -------------------------------------------------------------------
     def _worker_joined(self, source: str, reg: RegisterWorker) -> None:
         self.workers[reg.address] = WorkerInfo(reg)
+        self._retry_unrunnable()
+
+    def _retry_unrunnable(self) -> None:
+        """Give every ``no-worker`` task another placement attempt."""
         if self.unrunnable:
             self._ready.extend(self.unrunnable)
             for ts in self.unrunnable:
                 self._move(ts, "waiting")
             self.unrunnable.clear()
+
+    def _set_resources(self, source: str, msg: SetResources) -> None:
+        """A worker's resources changed (it told us, or a client asked: then tell it).
+
+        The IO layer has validated ``msg``.  Tasks processing on the worker that
+        it no longer offers enough for are taken back (a run in progress goes
+        on holding its resources there; its result is dropped) and placed again.
+        """
+        if msg.worker is None:
+            ws = self.workers.get(source)
+        else:
+            ws = self.workers.get(msg.worker)
+            if ws is not None:
+                self._send(ws.address, SetResources(resources=msg.resources))
+        if ws is None:
+            return
+        ws.resources.update(resource_amounts(msg.resources))
+        unfit = [t for t in ws.processing if t.resources and not placement.offers(ws, t.resources)]
+        for ts in unfit:
+            self._unassign(ts)
+            self._free(ws.address, ts.key)
+            self._move(ts, "waiting")
+            self._ready.append(ts)
+        self._retry_unrunnable()
 
     def _worker_left(self, source: str, event: WorkerLeft) -> None:
         ws = self.workers.pop(event.address, None)
@@ -652,6 +703,11 @@ class SchedulerState:
         if ws is not None:
             ws.processing.discard(ts)
             ws.occupancy = max(0.0, ws.occupancy - ts.duration) if ws.processing else 0.0
+            if ts.resources:
+                occ = ws.resource_occupancy
+                for name, amount in ts.resources.items():
+                    left = occ.get(name, 0.0) - ts.duration * amount
+                    occ[name] = left if ws.processing and left > 1e-12 else 0.0
         ts.processing_on = None
 
     def _make_waiting(self, root: TaskState) -> None:
@@ -786,6 +842,10 @@ class SchedulerState:
         ts.duration = self.durations.get(ts.prefix, DEFAULT_DURATION)
         ws.processing.add(ts)
         ws.occupancy += ts.duration
+        if ts.resources:
+            occ = ws.resource_occupancy
+            for name, amount in ts.resources.items():
+                occ[name] = occ.get(name, 0.0) + ts.duration * amount
         assert ts.args is not None
         task = ComputeTask(
             key=ts.key,

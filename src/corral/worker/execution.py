@@ -50,6 +50,11 @@ def current_task_key() -> str | None:
     return getattr(_context, "key", None)
 
 
+def current_task_resources() -> dict[str, Any] | None:
+    """What the task running in this thread holds (indices or amounts), or ``None``."""
+    return getattr(_context, "resources", None)
+
+
 class ThreadPool:
     """``nthreads`` threads running jobs; results come back to the loop in batches."""
 
@@ -181,11 +186,19 @@ def error_info(exc: BaseException, tb_text: str | None = None) -> ErrorInfo:
 
 
 def run_task(
-    spec: ComputeTask, functions: FunctionCache, data: Mapping[str, Any]
+    spec: ComputeTask,
+    functions: FunctionCache,
+    data: Mapping[str, Any],
+    resources: dict[str, Any] | None = None,
 ) -> tuple[ExecuteSuccess | ExecuteFailure, Any]:
-    """Run one task in the calling thread; return the event and the value."""
+    """Run one task in the calling thread; return the event and the value.
+
+    ``resources``: what the task holds (indices of indexed resources, amounts
+    of the others), exposed to it by :func:`corral.get_task_resources`.
+    """
     start = time.time()
     _context.key = spec.key
+    _context.resources = resources if resources is not None else {}
     try:
         if spec.fn is None:
             raise ValueError(f"task {spec.key!r} names no function")
@@ -236,3 +249,4 @@ def run_task(
         )
     finally:
         _context.key = None
+        _context.resources = None

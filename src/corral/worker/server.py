@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import uuid
 from typing import Any
 
@@ -29,13 +30,16 @@ from ..protocol.messages import (
     Heartbeat,
     Message,
     RegisterWorker,
+    SetResources,
     Store,
     Unregister,
     UpdateWhoHas,
 )
 from ..protocol.serialize import deserialize, serialize, sizeof
+from ..resources import resource_amounts, task_resources, validate_worker_resources
 from ..versions import get_versions
 from .execution import FunctionCache, ThreadPool, run_task
+from .plugin_host import PLUGIN_WORKER_OPS, WorkerPluginHost
 from .state import (
     ComputeEvent,
     DataStored,
@@ -73,19 +77,23 @@ class Worker:
         nthreads: int | None = None,
         name: str | None = None,
         memory_limit: int = 0,
-        resources: dict[str, float] | None = None,
+        resources: dict[str, Any] | None = None,
         host: str | None = None,
         port: int = 0,
         local_directory: str | None = None,
         token: str | None = None,
         reconnect: bool = True,
         connect_timeout: float | None = None,
+        preload: str | list[str] | None = None,
+        preload_argv: list[Any] | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads or os.cpu_count() or 1
         self.name = name
         self.memory_limit = memory_limit
-        self.resources = dict(resources or {})
+        # Amounts, or lists of indices ("GPU": [0, 1]); see corral.resources.
+        self.resources = validate_worker_resources(resources, "Worker resources")
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.host = host
         self.port = port
         self.local_directory = local_directory
@@ -107,11 +115,14 @@ class Worker:
         self._closed = asyncio.Event()
         self._registered = asyncio.Event()
         self._process = psutil.Process()
+        # Plugins and preloads (corral.worker.plugin_host); preloads import here.
+        self._plugin_host = WorkerPluginHost(self, preload, preload_argv)
+        self.plugins: dict[str, Any] = self._plugin_host.plugins
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> Worker:
         """Open the peer server, connect to the scheduler and register."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         _, sched_host, _ = parse_address(self.scheduler_address)
         listen_host = self.host or ("127.0.0.1" if _is_loopback(sched_host) else "0.0.0.0")
         self._server = await start_server(listen_host, self.port, self._serve_peer)
@@ -121,6 +132,11 @@ class Worker:
         if self.name is None:
             self.name = self.address
         self._pool = ThreadPool(self.nthreads, loop, self._on_results, worker=self)
+        try:
+            await self._plugin_host.preloads.setup(self)  # before contacting the scheduler
+        except BaseException:
+            await self.close(report=False)
+            raise
         self.status = "connecting"
         await self._connect()
         self._spawn(self._heartbeat_loop())
@@ -160,7 +176,7 @@ class Worker:
                 nthreads=self.nthreads,
                 name=self.name,
                 memory_limit=self.memory_limit,
-                resources=self.resources,
+                resources=resource_amounts(self.resources),
                 pid=os.getpid(),
                 versions=get_versions(),
             )
@@ -208,6 +224,7 @@ class Worker:
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
+        await self._plugin_host.close()  # plugin teardowns, then preload teardowns
         self.data.clear()
         self.status = "closed"
         self._closed.set()
@@ -216,6 +233,14 @@ class Worker:
         """Wait until the worker has closed."""
         await self._closed.wait()
 
+    async def plugin_add(self, plugin: Any, name: str | None = None) -> None:
+        """Set up a :class:`~corral.WorkerPlugin` on this worker only (e.g. from a preload)."""
+        await self._plugin_host.add(plugin, name=name)
+
+    async def plugin_remove(self, name: str) -> None:
+        """Tear down and forget the plugin ``name`` on this worker."""
+        await self._plugin_host.remove(name)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -223,8 +248,10 @@ class Worker:
 
     # -- scheduler stream ----------------------------------------------------------
     def _on_scheduler_messages(self, batch: list[Message]) -> None:
+        if self._plugin_host.holding(batch):
+            return  # a plugin setup/teardown is running: these wait for it
         events: list[Any] = []
-        for msg in batch:
+        for i, msg in enumerate(batch):
             kind = type(msg)
             if kind is Compute:
                 assert isinstance(msg, Compute)
@@ -238,12 +265,69 @@ class Worker:
                 events.append(self._store(msg))
             elif kind is UpdateWhoHas:
                 events.append(msg)
+            elif kind is SetResources:
+                assert isinstance(msg, SetResources)
+                self.resources.update(msg.resources)  # kept for a re-registration
+                events.append(msg)
             elif kind is CloseWorker:
                 self._spawn(self.close(reason="asked by the scheduler"))
                 return
+            elif kind in PLUGIN_WORKER_OPS:
+                if self._plugin_host.handle(msg, batch[i + 1 :]):
+                    break  # the rest of the batch waits for the plugin setup/teardown
             else:
                 logger.warning("ignoring unexpected op %r from the scheduler", kind.op)
         self._handle(events)
+
+    def set_resources(self, **resources: Any) -> Any:
+        """Change what this worker offers, at run time (as ``distributed.Worker.set_resources``).
+
+        The named resources are replaced (``GPU=0`` offers none; ``GPU=[0, 1]``
+        two indexed GPUs); others stay.  Running tasks keep what they hold and
+        nothing new starts until it fits, so the worker never runs more than
+        it offers.  The scheduler is told: it places tasks that wait for a
+        worker again, and takes back tasks queued here that no longer fit.
+
+        Safe from any thread (a task may call ``get_worker().set_resources(GPU=1)``;
+        it returns once applied).  On the worker's event loop it applies at once
+        and returns an awaitable, so ``await worker.set_resources(GPU=1)`` works.
+
+        Example::
+
+            worker.set_resources(GPU=2, MEMORY=64e9)
+        """
+        offer = validate_worker_resources(resources, "set_resources")
+        loop = self._loop
+        try:
+            on_loop = loop is not None and asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if loop is None or on_loop or loop.is_closed():
+            self._apply_resources(offer)
+            if on_loop:
+                assert loop is not None
+                done = loop.create_future()
+                done.set_result(None)
+                return done
+            return None
+        applied = threading.Event()
+
+        def apply() -> None:
+            try:
+                self._apply_resources(offer)
+            finally:
+                applied.set()
+
+        loop.call_soon_threadsafe(apply)
+        applied.wait()
+        return None
+
+    def _apply_resources(self, offer: dict[str, Any]) -> None:
+        self.resources.update(offer)
+        conn = self._scheduler
+        if conn is not None and not conn.closed and self.status == "running":
+            conn.send(SetResources(resources=offer))
+        self._handle([SetResources(resources=offer)])
 
     def _store(self, msg: Store) -> DataStored:
         nbytes = {}
@@ -254,6 +338,7 @@ class Worker:
         return DataStored(nbytes)
 
     def _handle(self, events: list[Any]) -> None:
+        mark = self._plugin_host.mark(self.state)  # for plugins' transition hooks
         instructions = self.state.handle(events)
         sends: list[Message] = []
         for inst in instructions:
@@ -276,12 +361,14 @@ class Worker:
             self._scheduler.send_many(sends, delay=BUSY_FLUSH_DELAY if self.state.queued else 0.0)
         if not self.state.tasks:
             self.functions.trim()
+        self._plugin_host.transitions(self.state, mark)
 
     def _job(self, inst: Execute) -> Any:
         spec, functions, data, generation = inst.spec, self.functions, self.data, self._generation
+        held = task_resources(spec.resources, inst.held) if spec.resources else None
 
         def job() -> Any:
-            return generation, run_task(spec, functions, data)
+            return generation, run_task(spec, functions, data, held)
 
         return job
 

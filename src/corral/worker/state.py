@@ -24,18 +24,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..resources import Allocation, ResourcePool
-
 from ..protocol.messages import (
     AddKeys,
     ComputeTask,
     ErrorInfo,
     Message,
     MissingData,
+    SetResources,
     TaskErred,
     TaskFinished,
     UpdateWhoHas,
 )
+from ..resources import Allocation, ResourcePool
 
 #: Most peers fetched from at once, and most bytes asked of one peer at once.
 MAX_GATHERS = 8
@@ -48,9 +48,9 @@ class WTask:
     __slots__ = (
         "dependents",
         "deps",
+        "held",
         "key",
         "nbytes",
-        "held",
         "priority",
         "resources",
         "spec",
@@ -179,7 +179,7 @@ class WorkerState:
     """Everything a worker knows about its tasks, and the rules that change it."""
 
     def __init__(
-        self, nthreads: int, resources: dict[str, float] | None = None, prefetch: int | None = None
+        self, nthreads: int, resources: dict[str, Any] | None = None, prefetch: int | None = None
     ) -> None:
         self.nthreads = nthreads
         # Tasks handed to the thread pool beyond one per thread, so a thread can
@@ -220,6 +220,9 @@ class WorkerState:
                 self._stored(event.nbytes)
             elif kind is UpdateWhoHas:
                 self._update_who_has(event.who_has)
+            elif kind is SetResources:
+                # Running tasks keep what they hold; nothing new starts until it fits.
+                self.resource_pool.update(event.resources)
             else:
                 raise TypeError(f"the worker state has no handler for {kind.__name__}")
         self._ensure_computing()

@@ -1,0 +1,1 @@
+"""Compatibility with ``distributed.diagnostics``: ``corral.diagnostics.plugin``."""

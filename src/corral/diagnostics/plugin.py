@@ -1,0 +1,8 @@
+"""``from corral.diagnostics.plugin import SchedulerPlugin``: dask.distributed's import path.
+
+The plugin classes live in :mod:`corral.plugins` (also exported from ``corral``).
+"""
+
+from ..plugins import SchedulerPlugin, WorkerPlugin
+
+__all__ = ["SchedulerPlugin", "WorkerPlugin"]

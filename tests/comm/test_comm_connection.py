@@ -1,0 +1,158 @@
+"""Connection over real sockets: typed messages, big payloads, limits, closing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from corral.comm import open_connection, start_server
+from corral.comm.connection import HANDSHAKE_MAX_FRAME_BYTES, Connection, format_address
+from corral.errors import CommClosedError
+from corral.protocol import Payload
+from corral.protocol.messages import Data, GetData, Heartbeat, Refused, Store
+
+
+async def pair(
+    serve: Callable[[Connection], Awaitable[Any]] | None = None, **server_kwargs: Any
+) -> tuple[asyncio.Server, Connection, asyncio.Future[Connection]]:
+    """A server and a connection to it; the future gives the server's side."""
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[Connection] = loop.create_future()
+
+    async def on_connection(conn: Connection) -> None:
+        accepted.set_result(conn)
+        if serve is not None:
+            await serve(conn)
+
+    server = await start_server("127.0.0.1", 0, on_connection, **server_kwargs)
+    address = format_address("127.0.0.1", server.sockets[0].getsockname()[1])
+    return server, await open_connection(address), accepted
+
+
+def test_messages_and_multi_megabyte_payloads_arrive_intact() -> None:
+    big = random.Random(0).randbytes(12 * 1024 * 1024 + 5)
+
+    async def main() -> None:
+        server, conn, accepted = await pair()
+        async with server:
+            theirs = await accepted
+            theirs.lift_limits()  # as accept() does after the handshake
+            sent = [
+                GetData(keys=["a"]),
+                Store(data={"x": Payload("pickle", [b"head", big]), "y": Payload("msgpack", [])}),
+                Heartbeat(metrics={"n": 1}),
+            ]
+            for msg in sent:
+                conn.send(msg)
+            got = [await theirs.recv(timeout=10) for _ in sent]
+            assert got == sent
+            # and back the other way, through the handler path
+            batches: list[Any] = []
+            done = asyncio.Event()
+
+            def handler(batch: list[Any]) -> None:
+                batches.extend(batch)
+                done.set()
+
+            conn.set_handler(handler)
+            theirs.send(Data(data={"x": Payload("pickle", [big])}, missing=["z"]))
+            await asyncio.wait_for(done.wait(), 10)
+            assert batches == [Data(data={"x": Payload("pickle", [big])}, missing=["z"])]
+            conn.close()
+            await theirs.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_server_connections_take_only_small_messages_until_the_handshake() -> None:
+    async def main() -> None:
+        server, conn, accepted = await pair()
+        async with server:
+            theirs = await accepted
+            conn.send(
+                Store(data={"x": Payload("pickle", [b"z" * (HANDSHAKE_MAX_FRAME_BYTES + 1)])})
+            )
+            await asyncio.wait_for(theirs.wait_closed(), 5)
+            assert "exceeds the limit" in (theirs.close_reason or "")
+            await asyncio.wait_for(conn.wait_closed(), 5)
+
+    asyncio.run(main())
+
+
+def test_limits_lifted_after_the_handshake() -> None:
+    async def main() -> None:
+        server, conn, accepted = await pair()
+        async with server:
+            theirs = await accepted
+            theirs.lift_limits()
+            msg = Store(data={"x": Payload("pickle", [b"z" * (HANDSHAKE_MAX_FRAME_BYTES + 1)])})
+            conn.send(msg)
+            assert await theirs.recv(timeout=5) == msg
+            conn.close()
+
+    asyncio.run(main())
+
+
+def test_max_frame_bytes_applies_after_the_handshake() -> None:
+    async def main() -> None:
+        server, conn, accepted = await pair(max_frame_bytes=1000)
+        async with server:
+            theirs = await accepted
+            theirs.lift_limits()
+            conn.send(Store(data={"x": Payload("pickle", [b"z" * 900])}))  # header < 1000
+            assert isinstance(await theirs.recv(timeout=5), Store)
+            conn.send(Store(data={"x": Payload("pickle", [b"z" * 2000])}))
+            with pytest.raises(CommClosedError, match="exceeds the limit of 1000"):
+                await theirs.recv(timeout=5)
+
+    asyncio.run(main())
+
+
+def test_close_sends_what_is_queued_even_while_writing_is_paused() -> None:
+    async def main() -> None:
+        server, conn, accepted = await pair()
+        async with server:
+            theirs = await accepted
+            theirs.pause_writing()  # as the transport does when its buffer is full
+            theirs.send(Refused(reason="bye"))
+            theirs.close("bye")
+            assert await conn.recv(timeout=5) == Refused(reason="bye")
+            with pytest.raises(CommClosedError):
+                await conn.recv(timeout=5)
+
+    asyncio.run(main())
+
+
+def test_protocol_error_closes_with_a_reason_and_fails_recv() -> None:
+    async def main() -> None:
+        server, conn, accepted = await pair()
+        async with server:
+            theirs = await accepted
+            assert conn._transport is not None
+            conn._transport.write(b"\x01" + b"\x00" * 7 + b"\x01" + b"\x00" * 7 + b"\xc1")
+            with pytest.raises(CommClosedError, match="undecodable message header"):
+                await theirs.recv(timeout=5)
+            assert theirs.closed
+            with pytest.raises(CommClosedError):
+                theirs.send(GetData(keys=[]))
+
+    asyncio.run(main())
+
+
+def test_recv_times_out_without_closing() -> None:
+    async def main() -> None:
+        server, conn, accepted = await pair()
+        async with server:
+            theirs = await accepted
+            with pytest.raises(TimeoutError):
+                await theirs.recv(timeout=0.05)
+            assert not theirs.closed
+            conn.send(GetData(keys=["still fine"]))
+            assert await theirs.recv(timeout=5) == GetData(keys=["still fine"])
+            conn.close()
+
+    asyncio.run(main())
