@@ -163,6 +163,26 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _load_average() -> float | None:
+    """Return the 1-minute load average, if the platform has one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy_warning(load_before: float | None) -> str | None:
+    """Return a warning if the machine was already busy when the suite started."""
+    cpus = os.cpu_count() or 1
+    if load_before is not None and load_before > cpus * 0.5:
+        return (
+            f"warning: load average was {load_before:.1f} on {cpus} CPUs before the suite "
+            "started; other processes were probably competing for the CPUs, so these "
+            "timings are unreliable"
+        )
+    return None
+
+
 def _log(message: str) -> None:
     """Print a progress line to stderr."""
     print(message, file=sys.stderr, flush=True)
@@ -212,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite; print the table; write results.json and results.png."""
     args = parse_args(argv)
     started = time.perf_counter()
+    load_before = _load_average()
     records = run_suite(args)
     add_derived_metrics(records)
     workloads = [w for name, w in WORKLOADS.items() if args.only is None or name in args.only]
@@ -231,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "git_commit": _git_commit(),
         "suite_elapsed_s": elapsed,
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "results.json"
@@ -246,4 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows))
     print()
     print(f"suite took {elapsed:.0f} s; wrote {' and '.join(written)}")
+    busy = _busy_warning(load_before)
+    if busy:
+        print(busy)
     return 0

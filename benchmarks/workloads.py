@@ -248,10 +248,10 @@ def _transfer_once(ctx: Context, n_elements: int, seed: int, src: str, dst: str)
 def transfer(ctx: Context) -> Measurement:
     """Worker-to-worker bandwidth for one large NumPy array.
 
-    The array is produced on worker A and consumed by a task pinned to worker
-    B; only the consuming task is timed (median of 5 repeats after one
-    untimed full-size warm-up).  The raw
-    loopback TCP copy of the same size is measured in the same process.
+    The array (random float64) is produced on worker A and consumed by a
+    task pinned to worker B; only the consuming task is timed (median of 5
+    repeats after one untimed full-size warm-up).  The raw loopback TCP copy
+    of the same size is measured in the same process.
     """
     nbytes = size("transfer", ctx.quick)
     n_elements = nbytes // 8

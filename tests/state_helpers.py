@@ -92,8 +92,13 @@ class Sched:
 class Worker:
     """A :class:`WorkerState` that validates its invariants after every stimulus."""
 
-    def __init__(self, nthreads: int = 1, resources: dict[str, float] | None = None) -> None:
-        self.state = WorkerState(nthreads, resources)
+    def __init__(
+        self,
+        nthreads: int = 1,
+        resources: dict[str, Any] | None = None,
+        prefetch: int | None = None,
+    ) -> None:
+        self.state = WorkerState(nthreads, resources, prefetch=prefetch)
 
     def __call__(self, *events: Any) -> list[Any]:
         out = self.state.handle(events)

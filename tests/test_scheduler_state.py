@@ -867,7 +867,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.stale)
     @rule(data=st.data(), ok=st.booleans())
     def late_report_of_a_freed_run(self, data, ok):
-        address, key, run_id = self.stale.pop(data.draw(st.integers(0, len(self.stale) - 1)))
+        address, key, run_id = entry = data.draw(st.sampled_from(sorted(self.stale)))
+        self.stale.remove(entry)
         if ok:
             # The worker dropped the result when it read FreeKeys.
             self.handle(address, finished(key, run_id))
@@ -924,6 +925,17 @@ class SchedulerMachine(RuleBasedStateMachine):
             client,
             UpdateGraph(tasks=batch, wanted=wanted, functions={f: FUNCTIONS[f] for f in fns}),
         )
+
+    @precondition(lambda self: self.stale)
+    @rule(client=st.sampled_from(CLIENTS), data=st.data())
+    def client_submits_a_freed_key_again(self, client, data):
+        """The same key again while a worker may still report its freed run."""
+        _, key, _ = data.draw(st.sampled_from(sorted(self.stale)))
+        if key in self.specs:
+            self.wanted[client].add(key)
+            fn = self.specs[key].fn
+            functions = {fn: FUNCTIONS[fn]} if fn is not None else {}
+            self.handle(client, UpdateGraph(tasks=[self.specs[key]], wanted=[key], functions=functions))
 
     @precondition(lambda self: self.sim)
     @rule(client=st.sampled_from(CLIENTS), broadcast=st.booleans())

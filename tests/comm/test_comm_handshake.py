@@ -238,3 +238,11 @@ def test_connector_gets_the_welcome() -> None:
             conn.close()
 
     asyncio.run(main())
+
+
+def test_a_refused_client_leaves_no_thread_behind(secured: Harness) -> None:
+    before = set(threading.enumerate())
+    with pytest.raises(HandshakeError):
+        Client(secured.address, token="wrong", timeout=5)
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert leaked == []

@@ -230,3 +230,28 @@ def test_local_cluster_preloads_in_process(tmp_path, calls):
         assert len(c.scheduler_info()["workers"]) == 2
     assert calls[0] == ("scheduler", "t1")
     assert sorted(calls[1:]) == [("worker", "0"), ("worker", "1")]
+
+
+def test_plugin_added_by_a_preload_failing_to_start_stops_the_scheduler(tmp_path):
+    path = write(
+        tmp_path,
+        "bad_plugin_pre.py",
+        """
+        from corral import SchedulerPlugin
+
+        class NoStart(SchedulerPlugin):
+            async def start(self, scheduler):
+                raise ConnectionError("metrics backend unreachable")
+
+        def corral_setup(scheduler):
+            scheduler.add_plugin(NoStart(), name="nostart")
+        """,
+    )
+
+    async def main():
+        scheduler = Scheduler(port=0, preload=path)
+        with pytest.raises(PreloadError, match="'nostart': start failed: ConnectionError"):
+            await scheduler.start()
+        assert scheduler.status == "closed"
+
+    asyncio.run(main())

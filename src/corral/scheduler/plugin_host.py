@@ -36,7 +36,7 @@ from ..plugins import (
     maybe_await,
     plugin_name,
 )
-from ..preload import Preloads
+from ..preload import PreloadError, Preloads
 from ..protocol.messages import (
     ErrorInfo,
     Message,
@@ -133,8 +133,15 @@ class PluginHost:
         """Run preload setups, then ``start`` of every plugin added so far."""
         await self.preloads.setup(self.scheduler)
         for name, plugin in list(self.plugins.items()):
-            if "start" in self._hooks.get(name, ()):
+            if "start" not in self._hooks.get(name, ()):
+                continue
+            try:
                 await maybe_await(plugin.start(self.scheduler))
+            except Exception as exc:
+                logger.error("scheduler plugin %r failed to start", name, exc_info=True)
+                raise PreloadError(
+                    f"scheduler plugin {name!r}: start failed: {type(exc).__name__}: {exc}"
+                ) from exc
 
     async def close(self) -> None:
         """``before_close`` and ``close`` of every plugin, then preload teardowns."""
@@ -194,7 +201,7 @@ class PluginHost:
     def mark(self) -> Any:
         """Remember the newest transition before a batch, if a plugin watches transitions."""
         if "transition" not in self._by_hook:
-            return None
+            return False  # nobody watches: after() skips transitions
         log = self.scheduler.state.transition_log
         return log[-1] if log else None
 
@@ -206,6 +213,7 @@ class PluginHost:
     def after(self, source: str, events: list[Any], mark: Any) -> None:
         """Call plugin hooks for a batch of events the state machine just handled."""
         by_hook = self._by_hook
+        watching = mark is not False  # decided before the batch, as hooks may add plugins
         scheduler = self.scheduler
         for event in events:
             kind = type(event)
@@ -235,7 +243,7 @@ class PluginHost:
                     dependencies={t.key: list(t.deps) for t in event.tasks},
                     stimulus_id=f"update-graph-{time.time()}",
                 )
-        if "transition" in by_hook:
+        if watching:
             self._transitions(mark)
 
     def _call(self, hook: str, *args: Any, **kwargs: Any) -> None:

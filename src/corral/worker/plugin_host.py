@@ -131,15 +131,15 @@ class WorkerPluginHost:
 
     # -- transitions -----------------------------------------------------------------
     def mark(self, state: WorkerState) -> Any:
-        """The newest logged transition, taken before a batch (``None`` when nobody watches)."""
+        """The newest logged transition, taken before a batch (``False``: nobody watches)."""
         if not self._transition_hooks:
-            return None
+            return False
         entries = state.log.entries
         return entries[-1] if entries else None
 
     def transitions(self, state: WorkerState, mark: Any) -> None:
         """Call ``transition`` hooks for the transitions logged since ``mark``."""
-        if not self._transition_hooks:
+        if mark is False or not self._transition_hooks:
             return
         new: list[tuple[str, str, str]] = []
         for entry in reversed(state.log.entries):

@@ -277,7 +277,7 @@ class WorkerState:
                     continue
                 ts.waiting_for.add(dep)
                 dep.who_has.update(holders)
-                if dep.state == "released":
+                if dep.state == "released" or (dep.state == "missing" and dep.who_has):
                     self._want_fetch(dep)
             if ts.waiting_for:
                 self._move(ts, "waiting")
@@ -302,6 +302,14 @@ class WorkerState:
             return
         self._finish_executing(ts)
         if ts.state == "cancelled":
+            if ts.dependents:
+                # Local tasks wait for this key (computed elsewhere since): keep
+                # the value and tell the scheduler about the copy.
+                ts.nbytes = ev.nbytes
+                self._move(ts, "memory")
+                self._out.append(SendToScheduler(AddKeys(nbytes={ts.key: ts.nbytes})))
+                self._arrived(ts)
+                return
             self._forget(ts)
             self._out.append(ReleaseData([ts.key]))
             return
@@ -328,6 +336,9 @@ class WorkerState:
             return
         self._finish_executing(ts)
         if ts.state == "cancelled":
+            if ts.dependents:
+                self._want_fetch(ts)  # local tasks wait for it: fetch it instead
+                return
             self._forget(ts)
             return
         self._move(ts, "error")
@@ -372,11 +383,18 @@ class WorkerState:
                     self._forget(ts)
             elif ts.state == "cancelled-flight":
                 self._forget(ts)
-                if ts.key in ev.received:
+                # The store's value belongs to a newer record of the key, if any.
+                if ts.key in ev.received and ts.key not in self.tasks:
                     self._out.append(ReleaseData([ts.key]))
         if ev.failed:
+            stranded = []
             for ts in self._fetch:
                 ts.who_has.discard(ev.peer)
+                if not ts.who_has:
+                    stranded.append(ts)
+            for ts in stranded:  # no holder left: ask the scheduler
+                del self._fetch[ts]
+                self._want_fetch(ts, failed_holder=ev.peer)
         if arrived:
             self._out.append(SendToScheduler(AddKeys(nbytes=arrived)))
 
@@ -401,6 +419,9 @@ class WorkerState:
             if ts.state == "missing" and holders:
                 self._move(ts, "fetch")
                 self._fetch[ts] = None
+            elif ts.state == "fetch" and not holders:
+                del self._fetch[ts]
+                self._move(ts, "missing")
 
     def _free(self, keys: list[str]) -> None:
         dropped = []
@@ -411,6 +432,8 @@ class WorkerState:
             if ts.state == "executing":
                 self._move(ts, "cancelled")
                 continue
+            if ts.state == "cancelled":
+                continue  # freed before: its run still holds a thread
             if ts.state == "flight":
                 self._move(ts, "cancelled-flight")
                 del self.tasks[key]
@@ -524,6 +547,6 @@ class WorkerState:
             if ts.state == "waiting":
                 assert ts.waiting_for, ts
                 for dep in ts.waiting_for:
-                    assert dep.state in ("fetch", "flight", "missing"), (ts, dep)
+                    assert dep.state in ("fetch", "flight", "missing", "cancelled"), (ts, dep)
             if ts.state == "fetch":
                 assert ts in self._fetch, ts

@@ -1,0 +1,713 @@
+"""The pure worker state machine: exact instructions out for events in, and properties.
+
+The example tests feed events to :class:`WorkerState` and assert the exact
+instructions it answers with.  The property test drives it with random
+compute batches, resource demands, completion orders, fetches that succeed,
+miss or fail, and frees, checking ``validate()`` after every stimulus and the
+promises at quiescence.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from state_helpers import Worker, ctask, error
+
+from corral.protocol.messages import (
+    AddKeys,
+    ComputeTask,
+    MissingData,
+    TaskErred,
+    TaskFinished,
+    UpdateWhoHas,
+)
+from corral.worker.state import (
+    ComputeEvent,
+    DataStored,
+    Execute,
+    ExecuteFailure,
+    ExecuteSuccess,
+    FreeEvent,
+    Gather,
+    GatherDone,
+    ReleaseData,
+    SendToScheduler,
+)
+
+P1 = "tcp://10.0.1.1:7001"
+P2 = "tcp://10.0.1.2:7001"
+P3 = "tcp://10.0.1.3:7001"
+
+
+def ok(key: str, run_id: int = 1, nbytes: int = 8) -> ExecuteSuccess:
+    return ExecuteSuccess(
+        key=key, run_id=run_id, nbytes=nbytes, typename="int", start=1.0, stop=2.0
+    )
+
+
+def fail(key: str, run_id: int = 1, err=None) -> ExecuteFailure:
+    return ExecuteFailure(key=key, run_id=run_id, error=err or error(), start=1.0, stop=2.0)
+
+
+def done(key: str, run_id: int = 1, nbytes: int = 8) -> SendToScheduler:
+    return SendToScheduler(
+        TaskFinished(key=key, run_id=run_id, nbytes=nbytes, typename="int", start=1.0, stop=2.0)
+    )
+
+
+def executes(out) -> list[str]:
+    return [i.key for i in out if isinstance(i, Execute)]
+
+
+# ---------------------------------------------------------------------------------
+# Running tasks
+# ---------------------------------------------------------------------------------
+def test_task_without_inputs_runs_and_reports():
+    w = Worker(nthreads=1, prefetch=0)
+    a = ctask("a")
+    assert w(ComputeEvent([a])) == [Execute("a", a)]
+    assert w.states() == {"a": "executing"}
+    assert w(ok("a")) == [done("a")]
+    assert w.states() == {"a": "memory"}
+    assert w.state.story("a") == [
+        ("a", "released", "ready"),
+        ("a", "ready", "executing"),
+        ("a", "executing", "memory"),
+    ]
+    # The scheduler frees it: the data goes.
+    assert w(FreeEvent(["a"])) == [ReleaseData(["a"])]
+    assert w.states() == {}
+
+
+def test_failure_reports_the_error_and_forgets_the_task():
+    w = Worker()
+    err = error("KeyError", "'x'")
+    w(ComputeEvent([ctask("a", run_id=3)]))
+    assert w(fail("a", run_id=3, err=err)) == [
+        SendToScheduler(TaskErred(key="a", run_id=3, error=err, start=1.0, stop=2.0))
+    ]
+    assert w.states() == {}
+
+
+def test_threads_bound_what_runs_and_priority_orders_it():
+    w = Worker(nthreads=2, prefetch=0)
+    tasks = [ctask(f"t{i}", priority=[5 - i]) for i in range(5)]
+    assert executes(w(ComputeEvent(tasks))) == ["t4", "t3"]
+    assert executes(w(ok("t3"))) == ["t2"]
+    assert executes(w(fail("t4"))) == ["t1"]
+
+
+def test_prefetch_hands_plain_tasks_to_the_pool_ahead_but_not_resource_tasks():
+    w = Worker(nthreads=1, resources={"GPU": 4})
+    plain = [ctask(f"p{i}", priority=[i]) for i in range(3)]
+    assert executes(w(ComputeEvent(plain))) == ["p0", "p1"]
+    w2 = Worker(nthreads=1, resources={"GPU": 4})
+    gpu = [ctask(f"g{i}", priority=[i], resources={"GPU": 1}) for i in range(3)]
+    assert executes(w2(ComputeEvent(gpu))) == ["g0"]
+
+
+def test_compute_of_a_key_already_in_memory_reports_it_at_once():
+    w = Worker()
+    w(ComputeEvent([ctask("a", who_has={"x": [P1]}, nbytes={"x": 5})]))
+    w(GatherDone(P1, {"x": 5}, []))
+    assert w(ComputeEvent([ctask("x", run_id=9)])) == [
+        SendToScheduler(TaskFinished(key="x", run_id=9, nbytes=5))
+    ]
+
+
+# ---------------------------------------------------------------------------------
+# Resources
+# ---------------------------------------------------------------------------------
+def test_resources_are_never_oversubscribed_whatever_the_threads():
+    w = Worker(nthreads=8, resources={"GPU": 1})
+    g1, g2 = ctask("g1", resources={"GPU": 1}), ctask("g2", resources={"GPU": 1})
+    p = ctask("p")
+    out = w(ComputeEvent([g1, g2, p]))
+    assert executes(out) == ["g1", "p"]
+    assert w.states() == {"g1": "executing", "g2": "constrained", "p": "executing"}
+    assert w.state.available_resources == {"GPU": 0}
+    assert executes(w(ok("p"))) == []
+    assert executes(w(ok("g1"))) == ["g2"]
+    w(fail("g2"))
+    assert w.state.available_resources == {"GPU": 1}
+
+
+def test_fractional_demands_share_a_resource():
+    w = Worker(nthreads=8, resources={"MEM": 1})
+    tasks = [ctask(f"m{i}", priority=[i], resources={"MEM": 0.5}) for i in range(3)]
+    assert executes(w(ComputeEvent(tasks))) == ["m0", "m1"]
+    assert executes(w(ok("m1"))) == ["m2"]
+    w(ok("m0"))
+    w(ok("m2"))
+    assert w.state.available_resources == {"MEM": 1}
+
+
+def test_fractions_that_do_not_sum_exactly_still_free_the_whole_resource():
+    w = Worker(nthreads=8, resources={"MEM": 1})
+    parts = [ctask(f"m{i}", priority=[i], resources={"MEM": 0.1}) for i in range(3)]
+    parts.append(ctask("m3", priority=[3], resources={"MEM": 0.7}))
+    assert executes(w(ComputeEvent(parts))) == ["m0", "m1", "m2", "m3"]
+    whole = ctask("whole", priority=[9], resources={"MEM": 1})
+    assert executes(w(ComputeEvent([whole]))) == []
+    for i in (2, 0, 3):
+        w(ok(f"m{i}"))
+    # 1 - 0.1 - 0.1 - 0.1 - 0.7 + ... in floating point is not exactly 1 again.
+    assert executes(w(ok("m1"))) == ["whole"]
+
+
+def test_a_task_demanding_more_than_is_left_waits_without_blocking_smaller_ones():
+    w = Worker(nthreads=8, resources={"GPU": 2})
+    big = ctask("big", priority=[1], resources={"GPU": 2})
+    small = ctask("small", priority=[0], resources={"GPU": 1})
+    assert executes(w(ComputeEvent([small, big]))) == ["small"]
+    # big is constrained; the plain task behind it still runs.
+    assert executes(w(ComputeEvent([ctask("plain", priority=[2])]))) == ["plain"]
+    assert executes(w(ok("small"))) == ["big"]
+
+
+# ---------------------------------------------------------------------------------
+# Fetching inputs
+# ---------------------------------------------------------------------------------
+def test_inputs_are_fetched_then_the_task_runs():
+    w = Worker()
+    t = ctask("t", who_has={"x": [P1], "y": [P2]}, nbytes={"x": 5, "y": 6})
+    out = w(ComputeEvent([t]))
+    assert sorted(out, key=lambda g: g.peer) == [Gather(P1, ["x"]), Gather(P2, ["y"])]
+    assert w.states() == {"t": "waiting", "x": "flight", "y": "flight"}
+    assert w(GatherDone(P1, {"x": 5}, [])) == [SendToScheduler(AddKeys(nbytes={"x": 5}))]
+    assert w(GatherDone(P2, {"y": 6}, [])) == [
+        SendToScheduler(AddKeys(nbytes={"y": 6})),
+        Execute("t", t),
+    ]
+    assert w(ok("t")) == [done("t")]
+
+
+def test_inputs_held_by_one_peer_travel_in_one_gather():
+    w = Worker()
+    t = ctask("t", who_has={"x": [P1], "y": [P1]}, nbytes={"x": 5, "y": 6})
+    (g,) = w(ComputeEvent([t]))
+    assert g.peer == P1 and sorted(g.keys) == ["x", "y"]
+
+
+def test_input_missing_on_one_peer_is_fetched_from_another_then_asked_for():
+    w = Worker()
+    t = ctask("t", who_has={"x": [P1, P2]}, nbytes={"x": 5})
+    assert w(ComputeEvent([t])) == [Gather(P1, ["x"])]
+    assert w(GatherDone(P1, {}, ["x"])) == [Gather(P2, ["x"])]
+    assert w(GatherDone(P2, {}, [], failed=True)) == [
+        SendToScheduler(MissingData(key="x", holder=P2))
+    ]
+    assert w.states() == {"t": "waiting", "x": "missing"}
+    # The scheduler answers with fresh locations.
+    assert w(UpdateWhoHas(who_has={"x": [P3]})) == [Gather(P3, ["x"])]
+    assert w(GatherDone(P3, {"x": 5}, [])) == [
+        SendToScheduler(AddKeys(nbytes={"x": 5})),
+        Execute("t", t),
+    ]
+
+
+def test_a_failed_peer_is_dropped_for_inputs_still_queued_behind_it():
+    w = Worker()
+    t1 = ctask("t1", who_has={"x": [P1]}, nbytes={"x": 5})
+    assert w(ComputeEvent([t1])) == [Gather(P1, ["x"])]
+    # y is also only on P1, which is busy: it waits its turn.
+    t2 = ctask("t2", who_has={"y": [P1]}, nbytes={"y": 5})
+    assert w(ComputeEvent([t2])) == []
+    assert w.states()["y"] == "fetch"
+    out = w(GatherDone(P1, {}, [], failed=True))
+    # P1 is unreachable: neither x nor y can come from it; the scheduler is asked for both.
+    assert sorted(out, key=lambda i: i.msg.key) == [
+        SendToScheduler(MissingData(key="x", holder=P1)),
+        SendToScheduler(MissingData(key="y", holder=P1)),
+    ]
+    assert w.states() == {"t1": "waiting", "t2": "waiting", "x": "missing", "y": "missing"}
+
+
+def test_scattered_data_wakes_a_waiting_task():
+    w = Worker()
+    t = ctask("t", who_has={"x": [P1]}, nbytes={"x": 5})
+    w(ComputeEvent([t]))
+    assert w(DataStored({"x": 5})) == [Execute("t", t)]
+    # The fetch in flight finds x already here.
+    assert w(GatherDone(P1, {"x": 5}, [])) == []
+
+
+def test_input_already_here_is_not_fetched():
+    w = Worker()
+    w(ComputeEvent([ctask("a")]))
+    w(ok("a"))
+    b = ctask("b", who_has={"a": ["me"]}, nbytes={"a": 8})
+    assert w(ComputeEvent([b])) == [Execute("b", b)]
+
+
+def test_a_missing_input_is_fetched_when_a_later_task_names_a_holder():
+    w = Worker()
+    t1 = ctask("t1", who_has={"x": [P1]}, nbytes={"x": 5})
+    w(ComputeEvent([t1]))
+    assert w(GatherDone(P1, {}, ["x"])) == [SendToScheduler(MissingData(key="x", holder=P1))]
+    t2 = ctask("t2", who_has={"x": [P2]}, nbytes={"x": 5})
+    assert w(ComputeEvent([t2])) == [Gather(P2, ["x"])]
+
+
+# ---------------------------------------------------------------------------------
+# Frees and cancellation
+# ---------------------------------------------------------------------------------
+def test_task_freed_while_running_is_cancelled_and_its_result_dropped():
+    w = Worker(resources={"GPU": 1})
+    w(ComputeEvent([ctask("g", resources={"GPU": 1})]))
+    assert w(FreeEvent(["g"])) == []
+    assert w.states() == {"g": "cancelled"}
+    assert w.state.available_resources == {"GPU": 0}  # still running in its thread
+    assert w(ok("g")) == [ReleaseData(["g"])]
+    assert w.states() == {}
+    assert w.state.available_resources == {"GPU": 1}
+    assert w.state.executing == set()
+
+
+def test_task_freed_twice_while_running_still_gives_its_thread_back():
+    w = Worker(nthreads=1, prefetch=0, resources={"GPU": 1})
+    w(ComputeEvent([ctask("g", resources={"GPU": 1})]))
+    w(FreeEvent(["g"]))
+    w(FreeEvent(["g"]))
+    assert w(ok("g")) == [ReleaseData(["g"])]
+    assert w.state.executing == set() and w.state.available_resources == {"GPU": 1}
+    h = ctask("h", resources={"GPU": 1})
+    assert w(ComputeEvent([h])) == [Execute("h", h)]
+
+
+def test_failed_run_of_a_freed_task_reports_nothing():
+    w = Worker()
+    w(ComputeEvent([ctask("a")]))
+    w(FreeEvent(["a"]))
+    assert w(fail("a")) == []
+    assert w.states() == {}
+
+
+def test_task_freed_then_assigned_again_while_running_reports_the_new_run():
+    w = Worker()
+    w(ComputeEvent([ctask("a", run_id=1)]))
+    w(FreeEvent(["a"]))
+    # Assigned again before the first run ended: that run counts for the new one.
+    assert w(ComputeEvent([ctask("a", run_id=2)])) == []
+    assert w.states() == {"a": "executing"}
+    assert w(ok("a", run_id=1)) == [done("a", run_id=2)]
+
+
+def test_queued_task_freed_never_runs():
+    w = Worker(nthreads=1, prefetch=0)
+    w(ComputeEvent([ctask("a", priority=[0]), ctask("b", priority=[1])]))
+    assert w(FreeEvent(["b"])) == []
+    assert w(ok("a")) == [done("a")]
+    assert w.states() == {"a": "memory"}
+
+
+def test_freeing_a_waiting_task_drops_the_fetches_it_alone_needed():
+    w = Worker()
+    w(ComputeEvent([ctask("t1", who_has={"x": [P1]}, nbytes={"x": 5})]))
+    w(ComputeEvent([ctask("t2", who_has={"y": [P1], "x": [P1]}, nbytes={"x": 5, "y": 1})]))
+    assert w.states() == {"t1": "waiting", "t2": "waiting", "x": "flight", "y": "fetch"}
+    assert w(FreeEvent(["t2"])) == []
+    assert w.states() == {"t1": "waiting", "x": "flight"}
+    out = w(GatherDone(P1, {"x": 5}, []))
+    assert [type(i) for i in out] == [SendToScheduler, Execute]
+
+
+def test_input_in_flight_whose_dependent_is_freed_is_kept_and_reported():
+    w = Worker()
+    w(ComputeEvent([ctask("t", who_has={"x": [P1]}, nbytes={"x": 5})]))
+    w(FreeEvent(["t"]))
+    assert w.states() == {"x": "flight"}
+    # It arrived anyway: the scheduler is told, and decides.
+    assert w(GatherDone(P1, {"x": 5}, [])) == [SendToScheduler(AddKeys(nbytes={"x": 5}))]
+    assert w(FreeEvent(["x"])) == [ReleaseData(["x"])]
+
+
+def test_freed_fetch_does_not_drop_the_same_key_computed_here_since():
+    """x is freed while in flight, then computed here; the old fetch lands afterwards."""
+    w = Worker()
+    w(ComputeEvent([ctask("t", who_has={"x": [P1]}, nbytes={"x": 5})]))
+    w(FreeEvent(["t", "x"]))
+    assert w.states() == {}
+    x = ctask("x", run_id=4)
+    assert w(ComputeEvent([x])) == [Execute("x", x)]
+    assert w(ok("x", run_id=4)) == [done("x", run_id=4)]
+    # The IO layer wrote the fetched value over the computed one: same key, same value.
+    # The state machine must not drop it.
+    assert w(GatherDone(P1, {"x": 5}, [])) == []
+    assert w.states() == {"x": "memory"}
+
+
+def test_freed_fetch_does_not_drop_the_same_key_scattered_here_since():
+    w = Worker()
+    w(ComputeEvent([ctask("t", who_has={"x": [P1]}, nbytes={"x": 5})]))
+    w(FreeEvent(["t", "x"]))
+    w(DataStored({"x": 5}))
+    assert w(GatherDone(P1, {"x": 5}, [])) == []
+    assert w.states() == {"x": "memory"}
+
+
+def test_freed_fetch_that_lands_with_no_new_owner_is_dropped():
+    w = Worker()
+    w(ComputeEvent([ctask("t", who_has={"x": [P1]}, nbytes={"x": 5})]))
+    w(FreeEvent(["t", "x"]))
+    assert w(GatherDone(P1, {"x": 5}, [])) == [ReleaseData(["x"])]
+
+
+def test_input_that_is_a_cancelled_run_here_is_fetched_or_awaited():
+    """x was freed while running here, computed elsewhere, then needed here."""
+    w = Worker(nthreads=2, prefetch=0)
+    w(ComputeEvent([ctask("x", run_id=1)]))
+    w(FreeEvent(["x"]))
+    t = ctask("t", run_id=3, who_has={"x": [P1]}, nbytes={"x": 5})
+    w(ComputeEvent([t]))
+    out = w(ok("x", run_id=1))
+    # The local run's result serves t; the scheduler learns about the copy.
+    assert out == [SendToScheduler(AddKeys(nbytes={"x": 8})), Execute("t", t)]
+    assert w(ok("t", run_id=3)) == [done("t", run_id=3)]
+
+
+def test_input_that_is_a_cancelled_run_that_fails_is_fetched():
+    w = Worker(nthreads=2, prefetch=0)
+    w(ComputeEvent([ctask("x", run_id=1)]))
+    w(FreeEvent(["x"]))
+    t = ctask("t", run_id=3, who_has={"x": [P1]}, nbytes={"x": 5})
+    w(ComputeEvent([t]))
+    assert w(fail("x", run_id=1)) == [Gather(P1, ["x"])]
+    assert w(GatherDone(P1, {"x": 5}, [])) == [
+        SendToScheduler(AddKeys(nbytes={"x": 5})),
+        Execute("t", t),
+    ]
+
+
+def test_stale_results_are_ignored():
+    w = Worker()
+    assert w(ok("never-assigned")) == []
+    assert w(fail("never-assigned")) == []
+    assert w(GatherDone(P1, {"zzz": 1}, [])) == []
+    assert w(FreeEvent(["zzz"])) == []
+    assert w(UpdateWhoHas(who_has={"zzz": [P1]})) == []
+
+
+# ---------------------------------------------------------------------------------
+# Property test: random batches, demands, completion orders, fetches and frees
+# ---------------------------------------------------------------------------------
+PEERS = (P1, P2, P3)
+ME = "tcp://10.0.0.9:7001"
+TOTALS = (
+    {"GPU": 2, "MEM": 1},
+    {"GPU": [0, 1], "MEM": 1.0},
+    {"GPU": 1},
+    {},
+)
+DEMANDS = (
+    None,
+    None,
+    {"GPU": 1},
+    {"GPU": 2},
+    {"GPU": 0.5},
+    {"GPU": 1.5},
+    {"MEM": 0.5},
+    {"MEM": 0.1},
+    {"MEM": 0.2},
+    {"MEM": 0.7},
+    {"MEM": 1},
+    {"GPU": 1, "MEM": 0.3},
+)
+
+
+def amount(value) -> float:
+    return float(len(value)) if isinstance(value, list) else float(value)
+
+
+class WorkerMachine(RuleBasedStateMachine):
+    """A scheduler and an IO layer around one :class:`WorkerState`, both simulated.
+
+    The IO layer keeps a data store and runs what ``Execute`` and ``Gather`` ask,
+    finishing them in any order; the scheduler assigns random tasks (inputs held
+    by peers or here), frees them, answers ``MissingData`` and reassigns.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w: Worker | None = None
+        self.totals: dict[str, float] = {}
+        self.peers: dict[str, set[str]] = {p: set() for p in PEERS}
+        self.store: dict[str, int] = {}
+        self.jobs: dict[str, tuple[int, dict[str, float]]] = {}  # key -> (run_id, demand)
+        self.flights: dict[str, list[str]] = {}
+        self.missing: set[str] = set()
+        self.assigned: dict[str, ComputeTask] = {}  # not freed since its last Compute
+        self.freed: set[str] = set()
+        self.reports: dict[str, Any] = {}
+        self.counter = 0
+
+    @initialize(
+        nthreads=st.integers(1, 3),
+        prefetch=st.sampled_from([None, 0]),
+        totals=st.sampled_from(TOTALS),
+        holdings=st.lists(st.sets(st.sampled_from(PEERS)), min_size=4, max_size=4),
+    )
+    def start(self, nthreads, prefetch, totals, holdings):
+        self.w = Worker(nthreads, totals, prefetch=prefetch)
+        self.totals = {k: amount(v) for k, v in totals.items()}
+        for i, peers in enumerate(holdings):
+            for p in peers:
+                self.peers[p].add(f"d{i}")
+
+    # -- driving --------------------------------------------------------------------
+    def handle(self, *events: Any) -> None:
+        assert self.w is not None
+        for inst in self.w(*events):
+            self.carry_out(inst)
+        for key, ts in self.w.state.tasks.items():
+            if ts.state == "memory":
+                assert key in self.store, f"{key} in memory but not in the store"
+
+    def used(self) -> dict[str, float]:
+        used: dict[str, float] = {}
+        for _, demand in self.jobs.values():
+            for name, x in demand.items():
+                used[name] = used.get(name, 0) + x
+        return used
+
+    def carry_out(self, inst: Any) -> None:
+        if isinstance(inst, Execute):
+            assert inst.key not in self.jobs, f"{inst.key} executed twice at once"
+            spec = self.assigned.get(inst.key)
+            assert spec is not None and inst.spec.run_id == spec.run_id, inst
+            for dep in inst.spec.who_has:
+                assert dep in self.store, f"{inst.key} started without its input {dep}"
+            demand = dict(inst.spec.resources or {})
+            used = self.used()
+            for name, x in demand.items():
+                assert used.get(name, 0) + x <= self.totals.get(name, 0) + 1e-9, (
+                    f"{name} oversubscribed starting {inst.key}: {used} + {demand}"
+                )
+            self.jobs[inst.key] = (inst.spec.run_id, demand)
+        elif isinstance(inst, Gather):
+            assert inst.peer not in self.flights, f"two fetches from {inst.peer} at once"
+            assert inst.keys
+            self.flights[inst.peer] = list(inst.keys)
+        elif isinstance(inst, ReleaseData):
+            for key in inst.keys:
+                self.store.pop(key, None)
+        else:
+            assert isinstance(inst, SendToScheduler), inst
+            msg = inst.msg
+            if isinstance(msg, TaskFinished | TaskErred):
+                spec = self.assigned.get(msg.key)
+                assert spec is not None, f"report of {msg.key}, which is not assigned"
+                assert msg.run_id == spec.run_id, (msg, spec.run_id)
+                if isinstance(msg, TaskFinished):
+                    assert msg.key in self.store
+                self.reports[msg.key] = msg
+            elif isinstance(msg, AddKeys):
+                for key in msg.nbytes:
+                    assert key in self.store
+            else:
+                assert isinstance(msg, MissingData), msg
+                self.missing.add(msg.key)
+
+    def fresh(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def fits(self, demand) -> bool:
+        return all(self.totals.get(k, 0) >= v for k, v in (demand or {}).items())
+
+    def local_results(self) -> list[str]:
+        return sorted(
+            k
+            for k, ts in self.w.state.tasks.items()
+            if ts.state == "memory" and k in self.assigned and k in self.reports
+        )
+
+    # -- the scheduler --------------------------------------------------------------
+    @rule(data=st.data())
+    def scheduler_assigns_a_batch(self, data):
+        specs = []
+        remote = sorted({k for held in self.peers.values() for k in held})
+        for _ in range(data.draw(st.integers(1, 4), label="ntasks")):
+            demand = data.draw(st.sampled_from([d for d in DEMANDS if self.fits(d)]))
+            deps = (
+                data.draw(st.lists(st.sampled_from(remote), max_size=2, unique=True))
+                if remote
+                else []
+            )
+            who_has = {}
+            for dep in deps:
+                holders = sorted(p for p in PEERS if dep in self.peers[p])
+                if data.draw(st.integers(0, 4)) == 0:
+                    holders.append(data.draw(st.sampled_from(PEERS)))  # a stale location
+                who_has[dep] = sorted(set(holders))
+            local = self.local_results()
+            if local and data.draw(st.booleans()):
+                who_has[data.draw(st.sampled_from(local))] = [ME]
+            self.counter += 1
+            spec = ctask(
+                f"t{self.counter}",
+                run_id=self.counter,
+                who_has=who_has,
+                nbytes={k: 10 for k in who_has},
+                priority=[data.draw(st.integers(0, 3))],
+                resources=demand,
+            )
+            self.assigned[spec.key] = spec
+            specs.append(spec)
+        self.handle(ComputeEvent(specs))
+
+    @precondition(lambda self: self.freed)
+    @rule(data=st.data())
+    def scheduler_assigns_a_freed_task_again(self, data):
+        key = data.draw(st.sampled_from(sorted(self.freed)))
+        self.freed.discard(key)
+        self.counter += 1
+        spec = ctask(key, run_id=self.counter, priority=[0])
+        self.assigned[key] = spec
+        self.reports.pop(key, None)
+        self.handle(ComputeEvent([spec]))
+
+    @precondition(lambda self: self.freed)
+    @rule(data=st.data())
+    def a_freed_task_is_computed_on_a_peer(self, data):
+        """So a later task here may name it as an input held elsewhere."""
+        key = data.draw(st.sampled_from(sorted(self.freed)))
+        self.peers[data.draw(st.sampled_from(PEERS))].add(key)
+
+    def needed(self) -> set[str]:
+        """Keys that assigned tasks not yet reported still need as inputs."""
+        return {dep for k, s in self.assigned.items() if k not in self.reports for dep in s.who_has}
+
+    @precondition(lambda self: self.assigned or self.w.state.tasks)
+    @rule(data=st.data())
+    def scheduler_frees(self, data):
+        needed = self.needed()
+        candidates = sorted((set(self.assigned) | set(self.w.state.tasks) | self.freed) - needed)
+        if not candidates:
+            return
+        keys = data.draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=3, unique=True))
+        for key in keys:
+            if self.assigned.pop(key, None) is not None:
+                self.freed.add(key)
+            self.reports.pop(key, None)
+        self.handle(FreeEvent(keys))
+
+    @precondition(lambda self: self.missing)
+    @rule(data=st.data(), how=st.sampled_from(["where", "recomputed", "lost"]))
+    def scheduler_answers_missing_data(self, data, how):
+        key = data.draw(st.sampled_from(sorted(self.missing)))
+        self.missing.discard(key)
+        if how == "lost":
+            # No copy left: the scheduler takes back the tasks that needed it.
+            waiting = sorted(k for k, s in self.assigned.items() if key in s.who_has)
+            waiting = [k for k in waiting if k not in self.reports]
+            for k in waiting:
+                del self.assigned[k]
+                self.freed.add(k)
+            if waiting:
+                self.handle(FreeEvent(waiting))
+            return
+        if how == "recomputed":
+            self.peers[data.draw(st.sampled_from(PEERS))].add(key)
+        holders = sorted(p for p in PEERS if key in self.peers[p])
+        self.handle(UpdateWhoHas(who_has={key: holders}))
+
+    @rule(data=st.data())
+    def scheduler_scatters(self, data):
+        key = data.draw(st.sampled_from(["d0", "d1", "d2", "d3", self.fresh("s")]))
+        if key in self.w.state.tasks and self.w.state.tasks[key].spec is not None:
+            return
+        self.store[key] = 3
+        self.handle(DataStored({key: 3}))
+
+    @precondition(lambda self: any(self.peers.values()))
+    @rule(data=st.data())
+    def a_peer_loses_a_key(self, data):
+        peer = data.draw(st.sampled_from(sorted(p for p in PEERS if self.peers[p])))
+        self.peers[peer].discard(data.draw(st.sampled_from(sorted(self.peers[peer]))))
+
+    # -- the IO layer ---------------------------------------------------------------
+    def finish_job(self, key: str, success: bool) -> None:
+        run_id, _ = self.jobs.pop(key)
+        if success:
+            self.store[key] = 8
+            self.handle(ok(key, run_id))
+        else:
+            self.handle(fail(key, run_id))
+
+    @precondition(lambda self: self.jobs)
+    @rule(data=st.data(), success=st.sampled_from([True, True, False]))
+    def a_thread_finishes(self, data, success):
+        self.finish_job(data.draw(st.sampled_from(sorted(self.jobs))), success)
+
+    def finish_gather(self, peer: str, reachable: bool) -> None:
+        keys = self.flights.pop(peer)
+        received = {k: 10 for k in keys if k in self.peers[peer]} if reachable else {}
+        self.store.update(received)
+        missing = [k for k in keys if k not in received] if reachable else []
+        self.handle(GatherDone(peer, received, missing, failed=not reachable))
+
+    @precondition(lambda self: self.flights)
+    @rule(data=st.data(), reachable=st.sampled_from([True, True, True, False]))
+    def a_fetch_finishes(self, data, reachable):
+        self.finish_gather(data.draw(st.sampled_from(sorted(self.flights))), reachable)
+
+    @invariant()
+    def books_balance(self):
+        if self.w is None:
+            return
+        ws = self.w.state
+        assert {ts.key for ts in ws.executing} == set(self.jobs)
+        assert set(ws.in_flight) == set(self.flights)
+        used = self.used()
+        for name, total in self.totals.items():
+            assert used.get(name, 0) <= total + 1e-9
+            assert abs(ws.available_resources[name] - (total - used.get(name, 0))) < 1e-6
+
+    # -- the end --------------------------------------------------------------------
+    def teardown(self) -> None:
+        if self.w is None:
+            return
+        for _ in range(10_000):
+            if self.jobs:
+                self.finish_job(sorted(self.jobs)[0], True)
+            elif self.flights:
+                self.finish_gather(sorted(self.flights)[0], True)
+            elif self.missing:
+                key = sorted(self.missing)[0]
+                self.missing.discard(key)
+                if not any(key in held for held in self.peers.values()):
+                    self.peers[P1].add(key)  # recomputed
+                holders = sorted(p for p in PEERS if key in self.peers[p])
+                self.handle(UpdateWhoHas(who_has={key: holders}))
+            else:
+                break
+        else:
+            raise AssertionError("the worker never went quiet")
+        ws = self.w.state
+        for key, spec in self.assigned.items():
+            report = self.reports.get(key)
+            assert report is not None, (key, self.w.state.story(key))
+            assert report.run_id == spec.run_id
+        assert {ts.state for ts in ws.tasks.values()} <= {"memory"}, self.w.states()
+        assert not ws.executing and not ws.in_flight and not ws._fetch
+        for name, total in self.totals.items():
+            assert abs(ws.available_resources[name] - total) < 1e-6, ws.available_resources
+        # The scheduler frees everything: nothing is left, in the books or the store.
+        self.handle(FreeEvent(sorted(ws.tasks)))
+        assert ws.tasks == {}
+        assert self.store == {}, self.store
+
+
+WorkerMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("CORRAL_STATE_EXAMPLES", 200)),
+    stateful_step_count=40,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_worker_state_machine = WorkerMachine.TestCase
