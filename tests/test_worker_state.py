@@ -553,7 +553,8 @@ class WorkerMachine(RuleBasedStateMachine):
                 run_id=self.counter,
                 who_has=who_has,
                 nbytes={k: 10 for k in who_has},
-                priority=[data.draw(st.integers(0, 3))],
+                # Unique priorities: the worker's choices do not hang on set order.
+                priority=[data.draw(st.integers(0, 3)), self.counter],
                 resources=demand,
             )
             self.assigned[spec.key] = spec
@@ -566,7 +567,7 @@ class WorkerMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(sorted(self.freed)))
         self.freed.discard(key)
         self.counter += 1
-        spec = ctask(key, run_id=self.counter, priority=[0])
+        spec = ctask(key, run_id=self.counter, priority=[0, self.counter])
         self.assigned[key] = spec
         self.reports.pop(key, None)
         self.handle(ComputeEvent([spec]))

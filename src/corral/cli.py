@@ -18,8 +18,8 @@ import click
 
 from ._loop import new_event_loop
 from ._version import __version__
-from .resources import parse_resources, resources_from_env
 from .preload import PreloadError
+from .resources import parse_resources, resources_from_env
 from .scheduler.server import DEFAULT_PORT, Scheduler
 
 logger = logging.getLogger("corral.cli")

@@ -465,10 +465,27 @@ def test_add_done_callback(c, event):
     ev.set()
     assert called.wait(10)
     assert seen == [(fut.key, "finished")]
-    # registered on a finished future: called at once
+    # registered on a finished future: called soon
     late = []
-    fut.add_done_callback(lambda f: late.append(f.status))
+    late_called = threading.Event()
+    fut.add_done_callback(lambda f: (late.append(f.status), late_called.set()))
+    assert late_called.wait(10)
     assert late == ["finished"]
+
+
+def test_done_callback_runs_off_the_loop_and_may_fetch_results(c):
+    # as in dask.distributed: callbacks run in a separate thread, so they may block
+    out = []
+    called = threading.Event()
+
+    def cb(f):
+        out.append((len(f.result()), threading.current_thread() is not c._loop_thread.thread))
+        called.set()
+
+    fut = c.submit(big_bytes, 3)
+    fut.add_done_callback(cb)
+    assert called.wait(10)
+    assert out == [(100_000, True)]
 
 
 def test_add_done_callback_on_error(c):

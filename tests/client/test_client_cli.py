@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from corral import Client
@@ -30,6 +32,7 @@ class Proc:
             [sys.executable, "-m", "corral", *args],
             stdout=self._out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: teardown kills its children too
         )
 
     @property
@@ -50,9 +53,10 @@ class Proc:
             pytest.fail(f"did not stop on SIGTERM; output:\n{self.output()}")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """Kill what is left of the process and of its children (whatever happened)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
         self._out.close()
 
 
@@ -118,6 +122,7 @@ def test_scheduler_and_workers_from_the_command_line(procs, tmp_path):
 
         assert workers.terminate() == 0
         poll(lambda: not client.scheduler_info()["workers"], "the workers leave the scheduler")
+        poll(lambda: not any(psutil.pid_exists(p) for p in pids), "worker processes exit")
     assert sched.terminate() == 0
     assert f"Scheduler at: {info['address']}" in sched.output()
     assert "Traceback" not in sched.output()

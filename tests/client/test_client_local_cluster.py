@@ -161,6 +161,54 @@ def test_worker_resources_and_memory_limit_in_scheduler_info():
         assert c.submit(inc, 1, resources={"FOO": 1}).result() == 2
 
 
+def test_cluster_never_closed_stops_its_processes_at_exit(tmp_path):
+    import json
+    import sys
+    import textwrap
+    import time
+
+    pid_file = tmp_path / "pids.json"
+    script = textwrap.dedent(
+        f"""
+        import json
+        from corral import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True)
+        client = Client(cluster)
+        assert client.submit(sum, [1, 2]).result() == 3
+        pids = [cluster._scheduler_proc.pid, *(p.pid for p in cluster.workers.values())]
+        with open({str(pid_file)!r}, "w") as f:
+            json.dump(pids, f)
+        # exits without closing the client or the cluster
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    pids = json.loads(pid_file.read_text())
+    assert len(pids) == 2
+    deadline = time.monotonic() + 15
+    try:
+        while any(_running(p) for p in pids):
+            assert time.monotonic() < deadline, "processes outlived their cluster's program"
+            time.sleep(0.05)
+    finally:
+        for p in pids:
+            if _running(p):
+                os.kill(p, 9)
+
+
+def _running(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _closed_port_address():
     import socket
 

@@ -323,3 +323,26 @@ def test_bad_requests_get_error_replies_not_disconnects(
     assert "error" not in replies[3] and isinstance(replies[3]["result"], dict)
     peer.close()
     harness.assert_healthy(corral_client)
+
+
+def test_nothing_after_a_violation_is_handled(harness: Harness, corral_client: Client) -> None:
+    """Ops that arrived in the same read as a forbidden one are dropped with it."""
+    args = {"serializer": "pickle", "frames": [b"\x80\x05N."]}
+    peer = RawPeer(harness.address)
+    shake(peer, "scheduler")
+    peer.send_raw(
+        pack({"op": "task_finished", "key": "x", "run_id": 1, "nbytes": 8})
+        + pack(
+            {
+                "op": "update_graph",
+                "tasks": [{"key": "after-violation", "args": args, "runtime": "none"}],
+                "wanted": ["after-violation"],
+            }
+        )
+        + pack({"op": "request", "id": 5, "method": "task_counts"})
+    )
+    assert peer.wait_closed()
+    assert [op["op"] for op in peer.received] == ["hello", "welcome"]
+    harness.wait_for(lambda: "attacker" not in harness.scheduler.state.clients)
+    assert harness.call(lambda: harness.scheduler.state.story("after-violation")) == []
+    harness.assert_healthy(corral_client)

@@ -24,7 +24,7 @@ from corral.protocol.messages import (
 )
 from corral.protocol.serialize import OUT_OF_BAND_MIN
 
-DETERMINISTIC = settings(derandomize=True, database=None, deadline=None, max_examples=40)
+DETERMINISTIC = settings(derandomize=True, database=None, deadline=None, max_examples=25)
 
 # msgpack-representable plain data (what ``Any`` fields may carry)
 PLAIN = st.recursive(

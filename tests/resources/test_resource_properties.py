@@ -119,7 +119,8 @@ class ResourceMachine(RuleBasedStateMachine):
         while self.queue:
             kind, who, events = self.queue.pop(0)
             if kind == "scheduler":
-                if who in POOL and who not in self.workers:
+                left = any(isinstance(e, WorkerLeft) for e in events)
+                if who in POOL and who not in self.workers and not left:
                     continue  # sent by a worker that died before it arrived
                 out = self.s.handle(who, events)
                 self.s.validate()
@@ -311,7 +312,7 @@ class ResourceMachine(RuleBasedStateMachine):
 
 
 ResourceMachine.TestCase.settings = settings(
-    max_examples=20,
+    max_examples=150,
     stateful_step_count=40,
     derandomize=True,
     deadline=None,

@@ -53,8 +53,8 @@ from ..protocol.serialize import (
 from ..resources import validate_resources, validate_worker_resources
 from ..versions import get_versions
 from .future import Future, FutureState
-from .plugins import PluginMethods
 from .graph import execute_node, flatten_keys, graph_to_tasks, pack_results, stringify
+from .plugins import PluginMethods
 
 logger = logging.getLogger("corral.client")
 

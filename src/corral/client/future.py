@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -15,6 +17,19 @@ if TYPE_CHECKING:
     from .client import Client
 
 DONE = frozenset({"finished", "error", "cancelled", "lost"})
+
+_callbacks: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_callbacks_lock = threading.Lock()
+
+
+def _callback_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread running ``add_done_callback`` callbacks (one per process)."""
+    global _callbacks
+    with _callbacks_lock:
+        if _callbacks is None or _callbacks[0] != os.getpid():  # new after a fork
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="corral-callback")
+            _callbacks = (os.getpid(), pool)
+        return _callbacks[1]
 
 _KNOWN_ERRORS: dict[str, type[Exception]] = {
     "KilledWorker": KilledWorker,
@@ -249,15 +264,23 @@ class Future:
         return self._client.cancel([self])
 
     def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
-        """Call ``fn(self)`` once done (at once if already done)."""
+        """Call ``fn(self)`` once done (soon if already done).
 
-        def call(_: FutureState) -> None:
+        As in dask.distributed, callbacks run one at a time in a callback
+        thread, never on the client's event loop: they may block or call
+        ``result()``.
+        """
+
+        def run() -> None:
             try:
                 fn(self)
             except Exception:
                 import logging
 
                 logging.getLogger("corral.client").exception("done callback %r failed", fn)
+
+        def call(_: FutureState) -> None:
+            _callback_executor().submit(run)
 
         if not self._state.add_callback(call):
             call(self._state)

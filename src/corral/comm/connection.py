@@ -93,6 +93,8 @@ class Connection(asyncio.BufferedProtocol):
         try:
             wire_messages = self._decoder.buffer_updated(nbytes)
             for frames in wire_messages:
+                if self.closed:
+                    return  # closed by a handler (e.g. a forbidden op): nothing more is handled
                 batch = [decode_message(m) for m in decode(frames)]
                 self._deliver(batch)
         except ProtocolError as exc:
@@ -153,7 +155,18 @@ class Connection(asyncio.BufferedProtocol):
         """Deliver every received batch to ``handler`` from now on (queued ones first)."""
         self._handler = handler
         if self._inbox:
-            self._loop.call_soon(self._drain_inbox)
+            self._loop.call_soon(self._drain_queued)
+
+    def _drain_queued(self) -> None:
+        """Hand over what arrived before the handler was set, as buffer_updated would."""
+        if self.closed or self._handler is None:
+            self._inbox.clear()
+            return
+        try:
+            self._drain_inbox()
+        except Exception as exc:
+            logger.exception("error handling messages from %s", self.peer)
+            self.abort(f"internal error handling messages: {exc!r}")
 
     async def recv(self, timeout: float | None = None) -> Message:
         """Return the next message; raise :class:`CommClosedError` if the stream ends."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from typing import Any
 
 import psutil
@@ -106,13 +107,18 @@ class LocalCluster:
         # $CORRAL_PRELOAD.
         self.preload = [preload] if isinstance(preload, str) else preload
         self.preload_argv = list(preload_argv or [])
-        self.worker_preload = [worker_preload] if isinstance(worker_preload, str) else worker_preload
+        if isinstance(worker_preload, str):
+            worker_preload = [worker_preload]
+        self.worker_preload = worker_preload
         self.worker_preload_argv = list(worker_preload_argv or [])
         self.scheduler_address = ""
         self.status = "created"
         self._tmpdir = tempfile.mkdtemp(prefix="corral-")
         self._scheduler_proc: subprocess.Popen[bytes] | None = None
         self._worker_procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Every process started, stopped at interpreter exit if close() never ran.
+        self._all_procs: list[subprocess.Popen[bytes]] = []
+        weakref.finalize(self, _kill_processes, self._all_procs)
         self._scheduler: Scheduler | None = None
         self._workers: dict[str, Worker] = {}
         self._names = iter(range(10**9))
@@ -169,6 +175,7 @@ class LocalCluster:
         ]  # fmt: skip
         cmd += _preload_args(self.preload, self.preload_argv)
         self._scheduler_proc = subprocess.Popen(cmd, env=self._env())
+        self._all_procs.append(self._scheduler_proc)
         deadline = time.monotonic() + self.startup_timeout
         while not os.path.exists(sched_file):
             if self._scheduler_proc.poll() is not None:
@@ -213,7 +220,8 @@ class LocalCluster:
             if resources is not None:  # "" too: explicit, not $CORRAL_WORKER_RESOURCES
                 cmd += ["--resources", format_resources(resources)]
             cmd += _preload_args(self.worker_preload, self.worker_preload_argv)
-            self._worker_procs[name] = subprocess.Popen(cmd, env=self._env())
+            proc = self._worker_procs[name] = subprocess.Popen(cmd, env=self._env())
+            self._all_procs.append(proc)
         else:
             worker = Worker(
                 self.scheduler_address,
@@ -232,6 +240,7 @@ class LocalCluster:
         for name, proc in list(self._worker_procs.items()):
             if proc.poll() is not None:
                 del self._worker_procs[name]
+        self._all_procs[:] = [p for p in self._all_procs if p.poll() is None]
 
     async def _scale(self, n: int) -> None:
         self._forget_dead_workers()
@@ -348,6 +357,23 @@ def _preload_args(preload: list[str] | None, argv: list[str]) -> list[str]:
     if not preload:
         return []
     return [arg for p in preload for arg in ("--preload", p)] + list(argv)
+
+
+def _kill_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
+    """Stop processes still running (a cluster never closed): SIGTERM, then SIGKILL."""
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        with contextlib.suppress(OSError):
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in alive:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                p.kill()
+                p.wait(1)
+    procs.clear()
 
 
 async def _terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

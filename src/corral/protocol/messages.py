@@ -760,7 +760,10 @@ class SetupPlugin(Message):
 
 @record
 class TeardownPlugin(Message):
-    """Scheduler -> worker: tear down and forget plugin ``name``; answered by :class:`WorkerResult`."""
+    """Scheduler -> worker: tear down and forget plugin ``name``.
+
+    Answered by :class:`WorkerResult`.
+    """
 
     op: ClassVar[str] = "teardown_plugin"
     id: int
@@ -783,7 +786,7 @@ class WorkerRun(Message):
 
 @record
 class WorkerResult(Message):
-    """Worker -> scheduler: the answer to ``setup_plugin``, ``teardown_plugin`` or ``worker_run``."""
+    """Worker -> scheduler: the answer to ``setup_plugin``, ``teardown_plugin``, ``worker_run``."""
 
     op: ClassVar[str] = "worker_result"
     id: int
