@@ -39,11 +39,6 @@ def raw_client(harness: Harness, id: str = "raw") -> RawPeer:
     return peer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler/state.py _schedule: self.functions[t.fn] raises KeyError for a task "
-    "whose fn id was never sent; the client's connection is dropped instead of the key erring",
-)
 def test_task_naming_an_unknown_function_errs(harness: Harness, corral_client: Client) -> None:
     peer = raw_client(harness)
     peer.send(
@@ -68,12 +63,6 @@ def test_task_naming_an_unknown_function_harms_nobody_else(
     harness.assert_healthy(corral_client)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/server.py _store: deserialize() of a scattered payload is not guarded; an "
-    "undecodable payload raises in the scheduler-stream handler, which drops the worker's "
-    "connection to the scheduler (the worker reconnects and loses all its data)",
-)
 def test_scattering_an_undecodable_payload_does_not_disconnect_workers(
     harness: Harness, corral_client: Client
 ) -> None:
@@ -142,12 +131,6 @@ def _slow_identity(x: int) -> int:
     return x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler/state.py _scatter: a key that is 'processing' is moved to released and "
-    "then memory without _unassign(ts), so ts.processing_on and the worker's processing set "
-    "keep it (validate() fails; the worker's later task_finished is ignored)",
-)
 def test_scattering_over_a_running_key_keeps_the_state_sound(
     harness: Harness, corral_client: Client
 ) -> None:

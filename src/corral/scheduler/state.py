@@ -313,7 +313,7 @@ class SchedulerState:
         for fid, payload in msg.functions.items():
             self.functions.setdefault(fid, payload)
         new: list[tuple[TaskState, list[str]]] = []
-        bad_resources: list[tuple[TaskState, str]] = []
+        invalid: list[tuple[TaskState, ErrorInfo]] = []
         for spec in msg.tasks:
             if spec.key in self.tasks:
                 continue
@@ -324,7 +324,7 @@ class SchedulerState:
                 try:
                     validate_resources(ts.resources, f"resources of task {spec.key!r}")
                 except ValueError as exc:
-                    bad_resources.append((ts, str(exc)))
+                    invalid.append((ts, ErrorInfo(typename="ValueError", message=str(exc))))
                     ts.resources = None
             ts.workers = spec.workers or None
             ts.allow_other_workers = spec.allow_other_workers
@@ -335,6 +335,9 @@ class SchedulerState:
             ts.needs = spec.needs or None
             for fid in ts.functions_used():
                 self.function_refs[fid] = self.function_refs.get(fid, 0) + 1
+                if fid not in self.functions:
+                    message = f"function {fid} of task {spec.key!r} was never sent"
+                    invalid.append((ts, ErrorInfo(typename="ValueError", message=message)))
             new.append((ts, spec.deps))
         missing_deps: list[tuple[TaskState, str]] = []
         for ts, dep_keys in new:
@@ -365,10 +368,9 @@ class SchedulerState:
                     doomed[t.key] = err
                     orphans.append(t)
                     stack.extend(t.dependents)
-        # Invalid resource demands (negative, NaN, infinite) doom a task the same way.
-        for bad, reason in bad_resources:
+        # Invalid tasks (bad resource demands, a function never sent) doom the same way.
+        for bad, err in invalid:
             stack = [bad]
-            err = ErrorInfo(typename="ValueError", message=reason)
             while stack:
                 t = stack.pop()
                 if t.key not in doomed:
@@ -445,6 +447,13 @@ class SchedulerState:
                 ts = self.tasks[key] = TaskState(key)
             elif ts.state != "released":
                 self._release_data(ts)
+                if ts.state == "processing":
+                    worker = ts.processing_on
+                    self._unassign(ts)
+                    if worker is not None:
+                        self._free(worker.address, ts.key)
+                elif ts.state == "no-worker":
+                    self.unrunnable.pop(ts, None)
                 if ts.state != "released":
                     self._move(ts, "released")
             ts.nbytes = msg.nbytes.get(key, 0)

@@ -29,6 +29,7 @@ from ..protocol.messages import (
     GetData,
     Heartbeat,
     Message,
+    MissingData,
     RegisterWorker,
     SetResources,
     Store,
@@ -332,7 +333,14 @@ class Worker:
     def _store(self, msg: Store) -> DataStored:
         nbytes = {}
         for key, payload in msg.data.items():
-            value = deserialize(payload)
+            try:
+                value = deserialize(payload)
+            except Exception:
+                # Undecodable data is not held: the scheduler learns it is missing here.
+                logger.exception("cannot deserialize scattered data %r", key)
+                if self._scheduler is not None and not self._scheduler.closed:
+                    self._scheduler.send(MissingData(key=key, holder=self.address))
+                continue
             self.data[key] = value
             nbytes[key] = sizeof(value)
         return DataStored(nbytes)
