@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -73,6 +70,70 @@ def _run_until_signal(
         loop.close()
 
 
+# -- security options (docs/security.md) -------------------------------------------------
+def _security_options(f: Any) -> Any:
+    """``--auth-token-file``, ``--tls-*`` and ``--max-frame-size``, shared by both commands."""
+    options = [
+        click.option(
+            "--auth-token-file",
+            default=None,
+            type=click.Path(dir_okay=False),
+            help="File holding the shared authentication token (else $CORRAL_AUTH_TOKEN).",
+        ),
+        click.option("--tls-cert", default=None, help="TLS certificate (PEM); turns on tls://."),
+        click.option("--tls-key", default=None, help="TLS private key (PEM) of --tls-cert."),
+        click.option(
+            "--tls-ca-file",
+            default=None,
+            help="CA certificate (PEM) peers' certificates must be signed by (mutual TLS).",
+        ),
+        click.option(
+            "--max-frame-size",
+            default=None,
+            help="Largest frame accepted from a peer, e.g. 256MiB (default: "
+            "$CORRAL_MAX_FRAME_SIZE or 4GiB).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _security(tls_cert: str | None, tls_key: str | None, tls_ca_file: str | None) -> Any:
+    """The ``Security`` of the ``--tls-*`` options (``None`` without any)."""
+    if not (tls_cert or tls_key or tls_ca_file):
+        return None
+    if not tls_cert:
+        raise click.UsageError("TLS needs --tls-cert (and --tls-key) on this side too")
+    from .comm.security import Security
+
+    try:
+        return Security(tls_ca_file=tls_ca_file, tls_cert=tls_cert, tls_key=tls_key)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _max_frame(text: str | None) -> int | None:
+    if text is None:
+        return None
+    from .comm.connection import parse_frame_size
+
+    try:
+        return parse_frame_size(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-frame-size") from None
+
+
+def _token(token_file: str | None, scheduler_info: dict[str, Any] | None = None) -> str | None:
+    """--auth-token-file, else $CORRAL_AUTH_TOKEN, else the scheduler file's token."""
+    from .comm.security import resolve_token
+
+    try:
+        return resolve_token(None, token_file, scheduler_info)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--auth-token-file") from None
+
+
 @click.group()
 @click.version_option(__version__, prog_name="corral")
 def main() -> None:
@@ -83,6 +144,22 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="Port (0: any free one).")
 @click.option("--scheduler-file", default=None, help="Write the address here as JSON.")
+@click.option(
+    "--auth",
+    type=click.Choice(["generate", "none"]),
+    default=None,
+    help="generate: make a random token and write it into --scheduler-file (mode 0600) "
+    "for workers and clients that read it; none: no token, whatever the environment says.",
+)
+@_security_options
+@click.option(
+    "--version-check",
+    type=click.Choice(["warn", "strict", "off"]),
+    default="warn",
+    show_default=True,
+    help="Workers whose Python/package versions differ from the cluster's: warn (log and "
+    "record them), strict (refuse them), off (do not check).",
+)
 @click.option("--preload", multiple=True, help=_PRELOAD_HELP)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.pass_context
@@ -91,12 +168,31 @@ def scheduler(
     host: str,
     port: int,
     scheduler_file: str | None,
+    auth: str | None,
+    auth_token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca_file: str | None,
+    max_frame_size: str | None,
+    version_check: str,
     preload: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Start a scheduler and serve until Ctrl-C or SIGTERM."""
     _setup_logging(log_level)
-    token = os.environ.get("CORRAL_AUTH_TOKEN") or None
+    if auth == "generate":
+        if not scheduler_file:
+            raise click.UsageError("--auth generate needs --scheduler-file (the token goes there)")
+        if auth_token_file:
+            raise click.UsageError("give --auth generate or --auth-token-file, not both")
+        from .comm.security import generate_token
+
+        token: str | None = generate_token()
+    elif auth == "none":
+        token = None
+    else:
+        token = _token(auth_token_file)
+    security = _security(tls_cert, tls_key, tls_ca_file)
     with _preload_errors():
         service = Scheduler(
             host=host,
@@ -105,6 +201,10 @@ def scheduler(
             token=token,
             preload=list(preload) or None,
             preload_argv=list(ctx.args),
+            security=security,
+            max_frame_bytes=_max_frame(max_frame_size),
+            token_in_scheduler_file=auth == "generate",
+            version_check=version_check,
         )
 
     async def start() -> None:
@@ -116,17 +216,21 @@ def scheduler(
 
 
 def _scheduler_address(address: str | None, scheduler_file: str | None) -> str:
+    return str(_scheduler_info(address, scheduler_file)["address"])
+
+
+def _scheduler_info(address: str | None, scheduler_file: str | None) -> dict[str, Any]:
+    """``{"address": ...}``, or the scheduler file's JSON (with its ``token``, if any)."""
     if address:
-        return address
+        return {"address": address}
     if not scheduler_file:
         raise click.UsageError("give the scheduler ADDRESS or --scheduler-file")
-    deadline = time.monotonic() + 60
-    while not os.path.exists(scheduler_file):
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"scheduler file {scheduler_file} did not appear in 60s")
-        time.sleep(0.1)
-    with open(scheduler_file) as f:
-        return str(json.load(f)["address"])
+    from .comm.security import read_scheduler_file
+
+    try:
+        return read_scheduler_file(scheduler_file, timeout=60)
+    except TimeoutError:
+        raise click.ClickException(f"{scheduler_file} did not appear in 60s") from None
 
 
 @main.command(context_settings=_PRELOAD_CONTEXT)
@@ -144,7 +248,30 @@ def _scheduler_address(address: str | None, scheduler_file: str | None) -> str:
 )
 @click.option("--host", default=None, help="Interface for the peer port.")
 @click.option("--local-directory", default=None, help="Scratch space for this worker.")
-@click.option("--nanny/--no-nanny", default=None, help="Supervise worker processes (restart on crash).")
+@click.option(
+    "--nanny/--no-nanny",
+    default=True,
+    show_default=True,
+    help="Run each worker process under a supervisor that restarts it when it crashes or "
+    "is asked to restart (client.restart, PipInstall(restart_workers=True)).  "
+    "--no-nanny: one worker in this process, which cannot be restarted.",
+)
+@click.option(
+    "--memory-pause-fraction",
+    default=0.8,
+    show_default=True,
+    type=float,
+    help="Pause (start no task) above this fraction of --memory-limit; 0: never.",
+)
+@click.option(
+    "--memory-terminate-fraction",
+    default=0.95,
+    show_default=True,
+    type=float,
+    help="Above this fraction of --memory-limit the process exits (status 79) and its "
+    "supervisor starts a fresh one; its tasks move elsewhere; 0: never.",
+)
+@_security_options
 @click.option("--preload", multiple=True, help=_PRELOAD_HELP)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.pass_context
@@ -159,7 +286,14 @@ def worker(
     resources: str | None,
     host: str | None,
     local_directory: str | None,
-    nanny: bool | None,
+    nanny: bool,
+    memory_pause_fraction: float,
+    memory_terminate_fraction: float,
+    auth_token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca_file: str | None,
+    max_frame_size: str | None,
     preload: tuple[str, ...],
     log_level: str,
 ) -> None:
@@ -180,13 +314,17 @@ def worker(
         limit = _memory_limit(memory_limit, nworkers)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    target = _scheduler_address(address, scheduler_file)
-    if nanny is None:
-        nanny = nworkers > 1
+    info = _scheduler_info(address, scheduler_file)
+    target = str(info["address"])
+    token = _token(auth_token_file, info)
+    security = _security(tls_cert, tls_key, tls_ca_file)
     if nanny:
-        _supervise(nworkers, name, sys.argv[1:])
-        return
+        sys.exit(_supervise(nworkers, name, sys.argv[1:]))
+    from .errors import HandshakeError
+    from .nanny import EXIT_REFUSED, child_info
     from .worker.server import Worker
+
+    supervision = child_info()  # set when a supervisor started this process
 
     with _preload_errors():
         service = Worker(
@@ -197,22 +335,48 @@ def worker(
             resources=parsed_resources,
             host=host,
             local_directory=local_directory,
-            token=os.environ.get("CORRAL_AUTH_TOKEN") or None,
+            token=token,
             preload=list(preload) or None,
             preload_argv=list(ctx.args),
+            security=security,
+            max_frame_bytes=_max_frame(max_frame_size),
+            memory_pause_fraction=memory_pause_fraction or None,
+            memory_terminate_fraction=memory_terminate_fraction or None,
+            nanny_slot=supervision.slot if supervision else None,
         )
 
     async def start() -> None:
         await service.start()
         click.echo(f"Worker {service.name} at {service.address} -> {target}", err=True)
+        if supervision is not None:
+            supervision.mark_ready()
+            loop = asyncio.get_running_loop()
+            supervision.watch_parent(
+                lambda: loop.call_soon_threadsafe(os.kill, os.getpid(), signal.SIGTERM)
+            )
 
-    with _preload_errors():
-        _run_until_signal(start, service.close, service.finished)
+    try:
+        with _preload_errors():
+            _run_until_signal(start, service.close, service.finished)
+    except HandshakeError as exc:  # refused: strict version check, wrong token
+        click.echo(f"corral worker: {exc}", err=True)
+        sys.exit(EXIT_REFUSED)
+    if service.exit_code:  # a restart, or memory above its terminate mark: see corral.nanny
+        sys.exit(service.exit_code)
+    if service.exit_code:  # left above its memory terminate mark: the supervisor restarts it
+        sys.exit(service.exit_code)
 
 
-def _supervise(nworkers: int, name: str | None, argv: list[str]) -> None:
-    """Run ``nworkers`` worker processes; restart any that crash; stop all on a signal."""
-    base = [a for a in argv if a not in ("--nanny",)]
+def _supervise(nworkers: int, name: str | None, argv: list[str]) -> int:
+    """Run ``nworkers`` supervised worker processes (:mod:`corral.nanny`); return a status.
+
+    Each child is ``corral worker --no-nanny`` with the same options; a child
+    asking for a restart or crashing is started again; SIGTERM/SIGINT stop
+    them all.
+    """
+    from .nanny import supervise
+
+    base = [a for a in argv if a not in ("--nanny", "--no-nanny")]
     cleaned: list[str] = []
     skip = False
     for arg in base:
@@ -226,34 +390,13 @@ def _supervise(nworkers: int, name: str | None, argv: list[str]) -> None:
             continue
         cleaned.append(arg)
 
-    def command(i: int) -> list[str]:
-        worker_name = f"{name}-{i}" if name else None
+    def command(i: int) -> tuple[str, list[str]]:
+        worker_name = name if nworkers == 1 else (f"{name}-{i}" if name else None)
         cmd = [sys.executable, "-m", "corral", *cleaned, "--no-nanny"]
-        return cmd + (["--name", worker_name] if worker_name else [])
+        label = worker_name or f"process {i}"
+        return label, cmd + (["--name", worker_name] if worker_name else [])
 
-    procs = {i: subprocess.Popen(command(i)) for i in range(nworkers)}
-    stopping = False
-
-    def stop(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for p in procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while procs:
-        time.sleep(0.2)
-        for i, p in list(procs.items()):
-            code = p.poll()
-            if code is None:
-                continue
-            if stopping or code == 0:
-                del procs[i]
-            else:
-                logger.warning("worker process %d exited with code %s; restarting it", i, code)
-                procs[i] = subprocess.Popen(command(i))
+    return supervise([command(i) for i in range(nworkers)])
 
 
 @main.command()

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import operator
+import os
+import sqlite3
+import tempfile
+import threading
 import time
+from typing import Any
 
 from .client import Client
+from .environments import WorkerEnvironment, get_environment_state
 
 
 def square(x: int) -> int:
@@ -18,6 +24,43 @@ def fails(x: int) -> int:
     if x % 2:
         raise ValueError(f"odd input {x}")
     return x
+
+
+class DemoDatabase(WorkerEnvironment):
+    """A worker environment: even-numbered workers keep a sqlite connection open."""
+
+    name = "database-access"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def condition(self, worker: Any) -> bool:
+        name = str(worker.name)
+        return name.isdigit() and int(name) % 2 == 0
+
+    def setup(self, worker: Any) -> None:
+        db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        db.execute("CREATE TABLE IF NOT EXISTS rows (worker TEXT, value INTEGER)")
+        state = get_environment_state(self.name)
+        state["db"], state["lock"] = db, threading.Lock()
+
+    def teardown(self, worker: Any) -> None:
+        state = get_environment_state(self.name)
+        with state["lock"]:
+            state["db"].execute("INSERT INTO rows VALUES ('teardown', -1)")
+            state["db"].commit()
+            state["db"].close()
+
+
+def write_row(value: int) -> str:
+    """A task that writes through its worker's own database connection."""
+    from . import get_worker
+
+    state = get_environment_state("database-access")
+    with state["lock"]:
+        state["db"].execute("INSERT INTO rows VALUES (?, ?)", (get_worker().name, value))
+        state["db"].commit()
+    return str(get_worker().name)
 
 
 def run_demo(n_workers: int = 2, tasks: int = 2000) -> None:
@@ -70,6 +113,25 @@ def run_demo(n_workers: int = 2, tasks: int = 2000) -> None:
             bad.result()
         except ValueError as exc:
             say(f"errors: the task raised on the worker and here we caught ValueError({exc})")
+
+        with tempfile.TemporaryDirectory(prefix="corral-demo-") as tmp:
+            path = os.path.join(tmp, "demo.db")
+            answer = client.register_worker_environment(environment=DemoDatabase(path))
+            members = sorted(a for a, r in answer.items() if r["member"])
+            say(
+                f"environments: 'database-access' (even-numbered workers) set up a sqlite "
+                f"connection on {len(members)} of {len(answer)} workers"
+            )
+            names = client.gather(client.map(write_row, range(20), environment="database-access"))
+            client.unregister_worker_environment("database-access")
+            with sqlite3.connect(path) as db:
+                written = db.execute("SELECT COUNT(*) FROM rows WHERE value >= 0").fetchone()[0]
+                closed = db.execute("SELECT COUNT(*) FROM rows WHERE value < 0").fetchone()[0]
+            say(
+                f"  20 tasks with environment='database-access' ran on workers "
+                f"{sorted(set(names))} and wrote {written} rows through their connections; "
+                f"unregistering ran {closed} teardown(s), each committing and closing one"
+            )
 
         try:
             import dask.array as da

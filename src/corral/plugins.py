@@ -50,8 +50,15 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import importlib
+import importlib.util
 import inspect
+import json
 import logging
+import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -60,7 +67,17 @@ from typing import Any
 from .protocol.messages import Outcome
 from .protocol.serialize import Payload, deserialize, serialize
 
-__all__ = ["SLOW_HOOK_SECONDS", "SchedulerPlugin", "WorkerPlugin"]
+__all__ = [
+    "SLOW_HOOK_SECONDS",
+    "PipInstall",
+    "PipInstallError",
+    "SchedulerPlugin",
+    "SchedulerUploadFile",
+    "UploadFile",
+    "WorkerPlugin",
+]
+
+_log = logging.getLogger("corral.plugins")
 
 #: A plugin whose hooks hold the event loop longer than this in one go is reported.
 SLOW_HOOK_SECONDS = 0.1
@@ -341,3 +358,364 @@ async def call_payload(
         return Outcome(result=serialize(result))
     except Exception as exc:
         return Outcome(error=error_info(exc))
+
+
+# ---------------------------------------------------------------------------------------
+# Shipping code and packages to workers (issue 6): UploadFile, PipInstall.
+# ---------------------------------------------------------------------------------------
+#: File kinds ``client.upload_file`` ships: a module, or an importable archive.
+UPLOAD_SUFFIXES = (".py", ".zip", ".egg", ".whl", ".pyz")
+
+_upload_dir: str | None = None
+
+
+def read_upload(path: Any) -> tuple[str, bytes]:
+    """``(file name, content)`` of a file to upload; clear errors for bad paths.
+
+    Raises ``ValueError`` for a kind that cannot be imported,
+    ``FileNotFoundError`` / ``IsADirectoryError`` / ``PermissionError``
+    (or another ``OSError``) naming the path when it cannot be read.
+    """
+
+    path = os.fspath(path)
+    filename = os.path.basename(path)
+    suffix = os.path.splitext(filename)[1].lower()
+    if suffix not in UPLOAD_SUFFIXES:
+        raise ValueError(
+            f"upload_file ships .py modules and .zip, .egg, .whl or .pyz archives, not {path!r}"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"upload_file: no such file: {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"upload_file: {path!r} is a folder, not a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        kind = type(exc) if type(exc) is not OSError else OSError
+        raise kind(f"upload_file: cannot read {path!r}: {exc.strerror or exc}") from exc
+    return filename, data
+
+
+def upload_directory(service: Any = None) -> str:
+    """Where uploaded files go in this process (put on ``sys.path`` by :func:`install_upload`).
+
+    ``<local_directory>/corral-uploads`` for a service with a
+    ``local_directory``, else a temporary folder of this process (removed
+    at exit).
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    global _upload_dir
+    base = getattr(service, "local_directory", None)
+    if base:
+        folder = os.path.join(base, "corral-uploads")
+        os.makedirs(folder, exist_ok=True)
+        return folder
+    if _upload_dir is None or not os.path.isdir(_upload_dir):
+        _upload_dir = tempfile.mkdtemp(prefix="corral-uploads-")
+        atexit.register(shutil.rmtree, _upload_dir, True)
+    return _upload_dir
+
+
+def _archive_modules(path: str) -> list[str]:
+    """Top-level module and package names inside a zip-like archive."""
+    import zipfile
+
+    names: dict[str, None] = {}
+    with zipfile.ZipFile(path) as z:
+        for entry in z.namelist():
+            head, sep, _ = entry.partition("/")
+            if sep:
+                if head.isidentifier() and f"{head}/__init__.py" in z.namelist():
+                    names[head] = None
+            elif head.endswith(".py") and head[:-3].isidentifier():
+                names[head[:-3]] = None
+    return list(names)
+
+
+def _purge(names: Iterable[str]) -> list[str]:
+    """Forget modules ``names`` and their submodules; return those that were imported."""
+
+    dropped = []
+    for mod in list(sys.modules):
+        if any(mod == n or mod.startswith(n + ".") for n in names):
+            del sys.modules[mod]
+            dropped.append(mod)
+    return dropped
+
+
+def _first_on_path(entry: str) -> None:
+
+    while entry in sys.path:
+        sys.path.remove(entry)
+    sys.path.insert(0, entry)
+
+
+def install_upload(filename: str, data: bytes, directory: str, load: bool = True) -> list[str]:
+    """Write an uploaded file into ``directory`` and make it importable; return module names.
+
+    A ``.py`` module is compiled first (a syntax error raises before anything
+    is written), written, and imported (``load``) or reloaded if it was
+    imported already, so code that runs later sees the new version; if
+    importing fails, the previous file is put back.  An archive (``.zip``,
+    ``.egg``, ``.whl``, ``.pyz``) is stored under a name of its content and put
+    first on ``sys.path`` instead of an older upload of the same file name; the
+    modules it holds are purged from ``sys.modules`` and imported again.
+    """
+
+    def drop_bytecode(path: str) -> None:
+        with contextlib.suppress(OSError, ValueError, NotImplementedError):
+            os.unlink(importlib.util.cache_from_source(path))
+
+    def write(path: str, content: bytes) -> None:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(content)
+        os.replace(tmp, path)
+
+    stem, suffix = os.path.splitext(filename)
+    if suffix.lower() == ".py":
+        if not stem.isidentifier():
+            raise ValueError(f"{filename!r} is not an importable module name")
+        path = os.path.join(directory, filename)
+        code = compile(data, path, "exec")  # SyntaxError here: nothing written yet
+        del code
+        previous = None
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                previous = f.read()
+        write(path, data)
+        drop_bytecode(path)
+        _first_on_path(directory)
+        importlib.invalidate_caches()
+        module = sys.modules.get(stem)
+        if module is None and not load:
+            return [stem]
+        try:
+            if module is not None:
+                importlib.reload(module)
+            else:
+                importlib.import_module(stem)
+        except BaseException:
+            if previous is None:
+                os.unlink(path)
+            else:
+                write(path, previous)
+            drop_bytecode(path)
+            importlib.invalidate_caches()
+            if module is not None:  # back to the previous version
+                try:
+                    importlib.reload(module)
+                except Exception:
+                    sys.modules.pop(stem, None)
+            else:
+                sys.modules.pop(stem, None)
+            raise
+        return [stem]
+
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    archives = os.path.join(directory, "archives")
+    folder = os.path.join(archives, digest)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, filename)
+    if not os.path.exists(path):
+        write(path, data)
+    modules = _archive_modules(path)
+    older = [
+        p
+        for p in sys.path
+        if p != path and p.startswith(archives + os.sep) and os.path.basename(p) == filename
+    ]
+    for p in older:
+        sys.path.remove(p)
+        sys.path_importer_cache.pop(p, None)
+    sys.path_importer_cache.pop(path, None)
+    _first_on_path(path)
+    dropped = _purge(modules)
+    importlib.invalidate_caches()
+    wanted = modules if load else [m for m in modules if m in dropped]
+    try:
+        for name in wanted:
+            importlib.import_module(name)
+    except BaseException:
+        sys.path.remove(path)
+        for p in reversed(older):
+            sys.path.insert(0, p)
+        _purge(modules)
+        importlib.invalidate_caches()
+        raise
+    return modules
+
+
+def _forget_loaded_functions(worker: Any) -> None:
+    """Drop a worker's deserialized task functions: they may come from a replaced module."""
+    cache = getattr(worker, "functions", None)
+    loaded = getattr(cache, "_loaded", None)
+    lock = getattr(cache, "_lock", None)
+    if loaded is None or lock is None:
+        return
+    with lock:
+        loaded.clear()
+
+
+class UploadFile(WorkerPlugin):
+    """A worker plugin shipping a file: importable on every current and future worker.
+
+    ``client.upload_file(path)`` registers one; see :func:`install_upload` for
+    what happens on each worker (a new upload of the same file name replaces
+    the previous one and reloads its modules).
+
+    Example::
+
+        client.register_plugin(UploadFile("mymodule.py"))
+    """
+
+    def __init__(self, filepath: Any, load: bool = True) -> None:
+        self.filename, self.data = read_upload(filepath)
+        self.load = load
+        self.name = f"upload_file-{self.filename}"
+
+    def setup(self, worker: Any) -> None:
+        """Write the file on ``worker`` and import (or reload) what it holds."""
+        modules = install_upload(self.filename, self.data, upload_directory(worker), self.load)
+        _forget_loaded_functions(worker)
+        _log.info("uploaded %s (modules %s)", self.filename, ", ".join(modules))
+
+
+class SchedulerUploadFile(SchedulerPlugin):
+    """The scheduler's copy of an upload: on its ``sys.path``, and reloaded if imported there.
+
+    The scheduler runs no task code; this serves scheduler plugins and
+    ``run_on_scheduler`` functions that import the uploaded module.
+    """
+
+    def __init__(self, upload: UploadFile) -> None:
+        self.filename = upload.filename
+        self.data = upload.data
+        self.name = upload.name
+
+    async def start(self, scheduler: Any) -> None:
+        """Write the file; reload its modules where the scheduler imported them already."""
+        install_upload(self.filename, self.data, upload_directory(scheduler), load=False)
+
+
+class PipInstallError(RuntimeError):
+    """``PipInstall`` failed on a worker; the message has the installer's output."""
+
+
+#: Where PipInstall keeps its markers (one per environment and package list).
+PIP_MARKERS = "corral-pip-install"
+
+
+class PipInstall(WorkerPlugin):
+    """A worker plugin installing packages with pip on every current and future worker.
+
+    Each environment (Python interpreter) installs a given package list once:
+    a marker keyed by a hash of the packages, the options and the interpreter
+    is kept in the temporary folder, so registering the same plugin again, or
+    a worker restarting, does not install again (workers of one machine
+    sharing an environment take turns, and the first one installs).  With
+    ``uv`` on ``PATH``, ``uv pip install --python <interpreter>`` is used,
+    else ``python -m pip install``.  A failure raises :class:`PipInstallError`
+    with the installer's output and the worker's address.
+
+    With ``restart_workers=True`` each worker whose process started before
+    the packages were installed restarts (under its supervisor) so that new
+    versions are imported; ``register_plugin`` returns once they are back.
+
+    Example::
+
+        from corral import PipInstall
+        client.register_plugin(PipInstall(packages=["scikit-learn==1.5.2"], restart_workers=True))
+    """
+
+    def __init__(
+        self,
+        packages: list[str],
+        pip_options: list[str] | None = None,
+        restart_workers: bool = False,
+        restart: bool | None = None,
+    ) -> None:
+
+        if isinstance(packages, str) or not all(isinstance(p, str) for p in packages):
+            raise TypeError("PipInstall(packages=...) takes a list of requirement strings")
+        if not packages:
+            raise ValueError("PipInstall needs at least one package")
+        self.packages = list(packages)
+        self.pip_options = list(pip_options or [])
+        self.restart_workers = bool(restart_workers or restart)  # ``restart``: dask's old name
+        spec = json.dumps([self.packages, self.pip_options], sort_keys=True)
+        self.id = hashlib.sha256(spec.encode()).hexdigest()[:16]
+        self.name = f"pip-install-{self.id}"
+
+    def command(self) -> list[str]:
+        """The install command: ``uv pip install --python ...`` or ``python -m pip install``."""
+        import shutil
+
+        uv = shutil.which("uv")
+        if uv:
+            python = ["--python", sys.executable]
+            return [uv, "pip", "install", *python, *self.pip_options, *self.packages]
+        return [sys.executable, "-m", "pip", "install", *self.pip_options, *self.packages]
+
+    def marker_path(self) -> str:
+        """The marker of this package list for this process's interpreter."""
+        import tempfile
+
+        key = hashlib.sha256(f"{self.id}\0{sys.executable}".encode()).hexdigest()[:24]
+        return os.path.join(tempfile.gettempdir(), PIP_MARKERS, f"{key}.json")
+
+    def _install_once(self, where: str) -> float:
+        """Install unless the marker exists; return when the packages were installed."""
+        import subprocess
+
+        marker = self.marker_path()
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker + ".lock", "a") as lock:
+            with contextlib.suppress(ImportError):
+                import fcntl
+
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one install at a time per environment
+            if os.path.exists(marker):
+                with contextlib.suppress(OSError, ValueError), open(marker) as f:
+                    return float(json.load(f)["time"])
+            cmd = self.command()
+            _log.info("installing %s on %s: %s", self.packages, where, " ".join(cmd))
+            proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if proc.returncode != 0:
+                output = (proc.stdout + proc.stderr).strip()
+                if len(output) > 8000:
+                    output = "...\n" + output[-8000:]
+                raise PipInstallError(
+                    f"installing {self.packages} failed on worker {where} "
+                    f"(`{' '.join(cmd)}` exited with status {proc.returncode}):\n{output}"
+                )
+            installed = time.time()
+            tmp = f"{marker}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"time": installed, "packages": self.packages, "command": cmd}, f)
+            os.replace(tmp, marker)
+            importlib.invalidate_caches()
+            return installed
+
+    async def setup(self, worker: Any) -> None:
+        """Install (once per environment); restart the worker if asked and needed."""
+        import psutil
+
+        where = getattr(worker, "address", None) or getattr(worker, "name", None) or "?"
+        installed = await asyncio.to_thread(self._install_once, str(where))
+        if not self.restart_workers:
+            return
+        if psutil.Process().create_time() >= installed:
+            return  # this process started after the install: it imports the new versions
+        if not getattr(worker, "supervised", False):
+            _log.warning(
+                "PipInstall: worker %s has no supervisor and cannot restart; restart it "
+                "yourself to import the new versions",
+                where,
+            )
+            return
+        worker.request_restart(f"PipInstall({self.packages})")

@@ -243,6 +243,7 @@ def test_gather_bad_errors_argument(c):
 def test_scatter_list_then_submit(c):
     futures = c.scatter([1, 2, 3])
     assert isinstance(futures, list) and len(futures) == 3
+    assert c.gather(c.scatter((1, 1, "a"))) == (1, 1, "a")  # tuple in, tuple out
     assert all(isinstance(f, Future) and f.status == "finished" for f in futures)
     assert c.gather(futures) == [1, 2, 3]
     assert c.submit(total, futures).result() == 6
@@ -259,6 +260,7 @@ def test_scatter_dict_keeps_keys(c):
 def test_scatter_single(c):
     fut = c.scatter(123)
     assert isinstance(fut, Future)
+    assert repr(fut) == f"<Future: finished, type: int, key: {fut.key}>"
     assert fut.result() == 123
     assert c.submit(inc, fut).result() == 124
 

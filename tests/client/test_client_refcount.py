@@ -138,6 +138,20 @@ def test_scattered_data_freed(c, mcluster):
     )
 
 
+def test_scatter_equal_values_share_a_key_counted_once_per_future(c, mcluster):
+    [keep] = c.scatter([7])
+    tmp = c.scatter([7, 7, 8])
+    assert tmp[0].key == tmp[1].key == keep.key
+    del tmp
+    gc.collect()
+    assert_eventually(lambda: request_counts(c) == {"memory": 1}, "8 forgotten, 7 kept")
+    time.sleep(0.1)  # give a wrongly sent release of 7 time to arrive
+    assert held_keys(c) == {keep.key}
+    assert c.submit(inc, keep).result() == 8
+    del keep
+    assert_eventually(lambda: request_counts(c) == {}, "everything forgotten")
+
+
 def test_gathered_get_graph_leaves_nothing(c, mcluster):
     dsk = {"a": 1, "b": (inc, "a"), "c": (add, "a", "b")}
     assert c.get(dsk, ["c", "b"]) == [3, 2]
@@ -180,3 +194,38 @@ def test_closing_client_releases_its_keys(mcluster):
     client.close()
     assert_eventually(lambda: task_counts(mcluster) == {}, "keys of a closed client forgotten")
     assert [f.status for f in futs] == ["finished"] * 5
+
+
+def test_persisted_collection_freed_when_dropped(c, mcluster):
+    da = pytest.importorskip("dask.array")
+    x = c.persist(da.arange(100, chunks=10) + 1)
+    assert x.sum().compute(scheduler=c.get) == sum(range(1, 101))
+    # the chunks stay in memory, their inputs as released lineage (as in dask)
+    assert_eventually(
+        lambda: request_counts(c) == {"memory": 10, "released": 10}, "only the chunks stay"
+    )
+    total = c.compute(x.sum())
+    assert total.result() == sum(range(1, 101))
+    del x, total
+    assert_eventually(lambda: request_counts(c) == {}, "persisted chunks forgotten")
+    assert_eventually(lambda: not any(worker_data(mcluster).values()), "workers hold nothing")
+
+
+def test_failed_tasks_forgotten_when_dropped(c, mcluster):
+    # The raised exceptions and their tracebacks must not keep the futures alive
+    # (a traceback rebuilt on the caller's stack holds result()'s frame, and so
+    # the future, from the future's own state).
+    bad = c.submit(inc, "not a number")
+    child = c.submit(inc, bad)
+    with pytest.raises(TypeError):
+        child.result()
+    with pytest.raises(TypeError):
+        bad.result()
+    with pytest.raises(TypeError):
+        c.gather([child])
+    assert isinstance(bad.exception(), TypeError)
+    assert bad.traceback() is not None
+    with pytest.raises(TypeError):
+        c.get({"a": "x", "b": (inc, "a")}, "b")
+    del bad, child
+    assert_eventually(lambda: request_counts(c) == {}, "erred tasks forgotten")

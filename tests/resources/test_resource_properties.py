@@ -312,7 +312,7 @@ class ResourceMachine(RuleBasedStateMachine):
 
 
 ResourceMachine.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=100,
     stateful_step_count=40,
     derandomize=True,
     deadline=None,

@@ -22,6 +22,7 @@ from typing import Any
 from .._loop import LoopThread
 from ..comm import Connection
 from ..comm.handshake import connect, connect_with_retry
+from ..comm.security import Security, local_token, read_scheduler_file, resolve_token
 from ..errors import CommClosedError
 from ..protocol.messages import (
     CancelKeys,
@@ -41,6 +42,7 @@ from ..protocol.messages import (
     UpdateGraph,
 )
 from ..protocol.serialize import (
+    REF_KEY,
     FunctionTable,
     Payload,
     Ref,
@@ -51,7 +53,9 @@ from ..protocol.serialize import (
     sizeof,
 )
 from ..resources import validate_resources, validate_worker_resources
-from ..versions import get_versions
+from ..versions import check_mode, get_versions
+from .consistency import ConsistencyMethods
+from .environments import EnvironmentMethods, environment_names
 from .future import Future, FutureState
 from .graph import execute_node, flatten_keys, graph_to_tasks, pack_results, stringify
 from .plugins import PluginMethods
@@ -71,7 +75,7 @@ def default_client() -> Client:
     raise ValueError("no Corral client is running: create one with corral.Client()")
 
 
-class Client(PluginMethods):
+class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
     """Connect to a Corral scheduler (or start a local cluster) and run work on it.
 
     Example::
@@ -92,8 +96,26 @@ class Client(PluginMethods):
         name: str | None = None,
         token: str | None = None,
         set_as_default: bool = True,
+        security: Security | None = None,
+        tls_ca_file: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        scheduler_file: str | None = None,
+        version_check: str = "warn",
         **cluster_kwargs: Any,
     ) -> None:
+        # On connect, compare versions with the scheduler's and workers' (corral.versions):
+        # "warn" (a VersionMismatchWarning), "strict" (raise; the scheduler also refuses
+        # mismatched workers while this client is connected) or "off".
+        self.version_check = check_mode(version_check)
+        # TLS for tls:// addresses: ``security=Security(...)`` or the tls_* arguments.
+        self.security = Security.from_options(security, tls_ca_file, tls_cert, tls_key)
+        if scheduler_file is not None:
+            if address is not None:
+                raise ValueError("give a scheduler address or scheduler_file, not both")
+            info = read_scheduler_file(scheduler_file, timeout)
+            address = str(info["address"])
+            token = resolve_token(token, scheduler_info=info)
         self.asynchronous = asynchronous
         self.timeout = timeout
         self.name = name
@@ -107,10 +129,15 @@ class Client(PluginMethods):
         elif hasattr(address, "scheduler_address"):
             self.cluster = address
             token = token or getattr(address, "token", None)
+            self.security = self.security or getattr(address, "security", None)
         elif not isinstance(address, str):
             raise TypeError(f"Client address must be a string or a cluster, not {address!r}")
+        else:
+            # A cluster this process started knows its token; else $CORRAL_AUTH_TOKEN.
+            token = token or local_token(address) or resolve_token(None)
         self._address = address if isinstance(address, str) else None
         self.token = token
+        self._lost_reason: str | None = None
         self._lock = threading.Lock()
         self._futures: dict[str, FutureState] = {}
         self._conn: Connection | None = None
@@ -162,6 +189,7 @@ class Client(PluginMethods):
 
             self.cluster = await LocalCluster(asynchronous=True, **self._cluster_kwargs)
             self.token = self.token or self.cluster.token
+            self.security = self.security or self.cluster.security
         if self.cluster is not None:
             self._address = self.cluster.scheduler_address
         assert self._address is not None
@@ -175,6 +203,7 @@ class Client(PluginMethods):
                 name=self.name,
                 token=self.token,
                 versions=get_versions(),
+                security=self.security,
             )
         except BaseException:
             if self._own_cluster and self.cluster is not None:
@@ -184,6 +213,11 @@ class Client(PluginMethods):
         conn.set_handler(self._on_messages)
         conn.on_close(self._on_scheduler_closed)
         self.status = "running"
+        try:
+            await self._connect_version_check()  # client/consistency.py
+        except BaseException:
+            await self._close()
+            raise
         if self.set_as_default:
             _current_client.append(self)
         return self
@@ -218,16 +252,28 @@ class Client(PluginMethods):
             await self.cluster._close()
 
     def _on_scheduler_closed(self, conn: Connection) -> None:
+        reason = f"lost the connection to the scheduler at {self._address} ({conn.close_reason})"
         for fut in self._requests.values():
             if not fut.done():
-                fut.set_exception(CommClosedError(f"lost the scheduler: {conn.close_reason}"))
+                fut.set_exception(CommClosedError(reason))
         if self.status == "closed":
             return
         self.status = "lost"
-        logger.warning("lost the connection to the scheduler: %s", conn.close_reason)
+        self._lost_reason = reason
+        logger.warning("%s", reason)
+        # Pending futures can never finish now: result() raises CommClosedError.
         for fs in list(self._futures.values()):
             if not fs.done():
-                fs.cancel(f"lost the connection to the scheduler ({conn.close_reason})", lost=True)
+                fs.comm_lost(reason)
+
+    def _check_connected(self) -> None:
+        """Raise :class:`CommClosedError` at once if the scheduler is gone."""
+        conn = self._conn
+        if conn is None or conn.closed or self.status not in ("running", "created"):
+            raise CommClosedError(
+                self._lost_reason
+                or f"not connected to the scheduler at {self._address} ({self.status})"
+            )
 
     def _sync(self, coro: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
         if self.asynchronous:
@@ -252,6 +298,8 @@ class Client(PluginMethods):
             fs = self._futures.get(key)
             if fs is None:
                 fs = self._futures[key] = FutureState(key, self._lock)
+                if self.status == "lost":  # submitted after the scheduler went away
+                    fs.comm_lost(self._lost_reason or "lost the connection to the scheduler")
             fs.refs += 1
             return fs
 
@@ -305,6 +353,7 @@ class Client(PluginMethods):
 
     async def _request(self, method: str, **args: Any) -> Any:
         """Ask the scheduler a read-only question."""
+        self._check_connected()
         loop = asyncio.get_running_loop()
         rid = next(self._request_ids)
         fut: asyncio.Future[Any] = loop.create_future()
@@ -392,6 +441,40 @@ class Client(PluginMethods):
             packed = (walk(args), walk(kwargs))
         return serialize(packed), list(deps)
 
+    def _foreign_function(self, func: Any, runtime: str, what: str) -> tuple[str, Payload]:
+        """The msgpack payload naming a function of another runtime (e.g. ``"mathlib:add"``)."""
+        if not isinstance(func, str) or not func:
+            raise TypeError(
+                f"{what} with runtime={runtime!r} needs the function's name as a string, "
+                f"e.g. 'module:function', got {type(func).__name__}"
+            )
+        payload = serialize(func, "msgpack")
+        return payload_digest(payload), payload
+
+    def _pack_plain_args(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Payload, list[str]]:
+        """Arguments of a task of another runtime: msgpack ``[args, kwargs]``.
+
+        A future becomes ``{"__corral_ref__": key}``, which the worker replaces by
+        the key's value (docs/protocol.md, section 10).
+        """
+        deps: dict[str, None] = {}
+
+        def walk(obj: Any) -> Any:
+            if isinstance(obj, Future):
+                if obj._client is not self:
+                    raise ValueError(f"{obj!r} belongs to another client")
+                deps[obj.key] = None
+                return {REF_KEY: obj.key}
+            if isinstance(obj, list | tuple):
+                return [walk(o) for o in obj]
+            if isinstance(obj, dict):
+                return {k: walk(v) for k, v in obj.items()}
+            return obj
+
+        return serialize([walk(args), walk(kwargs)], "msgpack"), list(deps)
+
     def _task_options(
         self,
         priority: int,
@@ -399,6 +482,7 @@ class Client(PluginMethods):
         allow_other_workers: bool,
         retries: int,
         resources: dict[str, float] | None,
+        environment: str | list[str] | None = None,
     ) -> dict[str, Any]:
         if isinstance(workers, str):
             workers = [workers]
@@ -410,6 +494,7 @@ class Client(PluginMethods):
             "allow_other_workers": allow_other_workers,
             "retries": retries or 0,
             "resources": resources or None,
+            "environment": environment_names(environment),
         }
 
     def submit(
@@ -423,19 +508,30 @@ class Client(PluginMethods):
         retries: int = 0,
         priority: int = 0,
         resources: dict[str, float] | None = None,
+        environment: str | list[str] | None = None,
+        runtime: str | None = None,
         **kwargs: Any,
     ) -> Future:
         """Run ``func(*args, **kwargs)`` on the cluster; return a :class:`Future`.
+
+        With ``runtime`` (e.g. ``"js"``), ``func`` names a function of a worker
+        of that runtime (``"mathlib:add"``) and the arguments must be plain data
+        (msgpack) or futures; see ``docs/javascript.md``.
 
         Example::
 
             future = client.submit(pow, 2, 10)
             future.result()   # 1024
+            client.submit("mathlib:add", future, 1, runtime="js").result()   # 1025
         """
-        if not callable(func):
-            raise TypeError(f"submit needs a callable, got {type(func).__name__}")
-        fid, fn_payload = self._function_id(func)
-        args_payload, deps = self._pack_args(args, kwargs)
+        if runtime is not None and runtime != "python":
+            fid, fn_payload = self._foreign_function(func, runtime, "submit")
+            args_payload, deps = self._pack_plain_args(args, kwargs)
+        else:
+            if not callable(func):
+                raise TypeError(_not_callable("submit", func))
+            fid, fn_payload = self._function_id(func)
+            args_payload, deps = self._pack_args(args, kwargs)
         if key is None:
             key = _make_key(func, fid, args_payload, pure)
         spec = TaskSpec(
@@ -443,7 +539,10 @@ class Client(PluginMethods):
             args=args_payload,
             fn=fid,
             deps=deps,
-            **self._task_options(priority, workers, allow_other_workers, retries, resources),
+            runtime=None if runtime == "python" else runtime,
+            **self._task_options(
+                priority, workers, allow_other_workers, retries, resources, environment
+            ),
         )
         future = Future(key, self)
         self._send(UpdateGraph(tasks=[spec], wanted=[key], functions={fid: fn_payload}))
@@ -460,31 +559,45 @@ class Client(PluginMethods):
         retries: int = 0,
         priority: int = 0,
         resources: dict[str, float] | None = None,
+        environment: str | list[str] | None = None,
         batch_size: int | None = None,
+        runtime: str | None = None,
         **kwargs: Any,
     ) -> list[Future]:
         """Apply ``func`` to each element of the iterables; the function travels once.
+
+        ``runtime``: as in :meth:`submit` (``func`` is then a function's name).
 
         Example::
 
             futures = client.map(lambda x: x + 1, range(100))
             sum(client.gather(futures))   # 5050
         """
-        if not callable(func):
-            raise TypeError(f"map needs a callable, got {type(func).__name__}")
-        fid, fn_payload = self._function_id(func)
+        foreign = runtime is not None and runtime != "python"
+        if foreign:
+            assert runtime is not None
+            fid, fn_payload = self._foreign_function(func, runtime, "map")
+        else:
+            if not callable(func):
+                raise TypeError(_not_callable("map", func))
+            fid, fn_payload = self._function_id(func)
         columns = [list(it) for it in iterables]
         if not columns:
             return []
         items = list(zip(*columns, strict=False))
         if isinstance(key, list) and len(key) != len(items):
             raise ValueError(f"map got {len(key)} keys for {len(items)} items")
-        options = self._task_options(priority, workers, allow_other_workers, retries, resources)
+        options = self._task_options(
+            priority, workers, allow_other_workers, retries, resources, environment
+        )
         base_priority = options.pop("priority")
         specs = []
         keys = []
         for i, item in enumerate(items):
-            args_payload, deps = self._pack_args(item, kwargs)
+            if foreign:
+                args_payload, deps = self._pack_plain_args(item, kwargs)
+            else:
+                args_payload, deps = self._pack_args(item, kwargs)
             if isinstance(key, list):
                 k = key[i]
             elif isinstance(key, str):
@@ -493,7 +606,15 @@ class Client(PluginMethods):
                 k = _make_key(func, fid, args_payload, pure)
             keys.append(k)
             specs.append(
-                TaskSpec(key=k, args=args_payload, fn=fid, deps=deps, priority=[*base_priority, i], **options)
+                TaskSpec(
+                    key=k,
+                    args=args_payload,
+                    fn=fid,
+                    deps=deps,
+                    priority=[*base_priority, i],
+                    runtime=runtime if foreign else None,
+                    **options,
+                )
             )
         futures = [Future(k, self) for k in keys]
         step = batch_size or len(specs)
@@ -515,6 +636,7 @@ class Client(PluginMethods):
         allow_other_workers: bool = False,
         retries: int = 0,
         resources: dict[str, float] | None = None,
+        environment: str | list[str] | None = None,
     ) -> dict[Hashable, Future]:
         table = FunctionTable()
         # dask.annotate(...) around the call: defaults for every task (explicit
@@ -525,10 +647,13 @@ class Client(PluginMethods):
         allow_other_workers = allow_other_workers or bool(glob.get("allow_other_workers"))
         retries = retries or glob.get("retries", 0)
         resources = resources or glob.get("resources")
+        environment = environment or glob.get("environment")
         per_task: dict[str, dict[str, Any]] = {}
         tasks, _external = graph_to_tasks(dsk, table, annotations=per_task)
         fid, fn_payload = self._function_id(execute_node)
-        options = self._task_options(priority, workers, allow_other_workers, retries, resources)
+        options = self._task_options(
+            priority, workers, allow_other_workers, retries, resources, environment
+        )
         base = options.pop("priority")
         annotated = {k: _annotated_options(k, a, options, base) for k, a in per_task.items()}
         # Functions that travel by value go once per graph; every task may use them.
@@ -559,6 +684,7 @@ class Client(PluginMethods):
         allow_other_workers: bool = False,
         retries: int = 0,
         priority: int = 0,
+        environment: str | list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Compute a dask-style graph and return the results of ``keys`` (same nesting).
@@ -574,6 +700,7 @@ class Client(PluginMethods):
             allow_other_workers=allow_other_workers,
             retries=retries,
             resources=resources,
+            environment=environment,
         )
         if not sync:  # as dask.distributed: futures, in the nesting of ``keys``
             return pack_results(keys, futures)
@@ -641,7 +768,7 @@ class Client(PluginMethods):
     def _value_sync(self, future: Future) -> Any:
         fs = future._state
         if fs.status != "finished":
-            raise fs.exception()
+            raise fs.exception_to_raise()
         if fs.has_value:
             return fs.value
         if fs.payload is not None:
@@ -652,7 +779,7 @@ class Client(PluginMethods):
         fs = future._state
         await asyncio.wait_for(fs.wait_async(), timeout)
         if fs.status != "finished":
-            raise fs.exception()
+            raise fs.exception_to_raise()
         if fs.has_value:
             return fs.value
         if fs.payload is not None:
@@ -689,12 +816,12 @@ class Client(PluginMethods):
                 if again:
                     for fs in again:
                         if fs.status != "finished":  # meanwhile reported lost or erred
-                            raise fs.exception()
+                            raise fs.exception_to_raise()
                         fs.reset()
                     await asyncio.gather(*(fs.wait_async() for fs in again))
                     for fs in again:
                         if fs.status != "finished":
-                            raise fs.exception()
+                            raise fs.exception_to_raise()
                     todo = [fs for fs in todo if not fs.has_value and fs.payload is None]
                     continue
             for fs in todo:
@@ -728,7 +855,9 @@ class Client(PluginMethods):
     async def _get_from_worker_locked(self, address: str, group: list[FutureState]) -> None:
         conn = self._workers.get(address)
         if conn is None or conn.closed:
-            conn, _ = await connect(address, role="client", my_id=self.id, token=self.token)
+            conn, _ = await connect(
+                address, role="client", my_id=self.id, token=self.token, security=self.security
+            )
             self._workers[address] = conn
         conn.send(GetData(keys=[fs.key for fs in group]))
         try:
@@ -763,7 +892,7 @@ class Client(PluginMethods):
         states = [f._state for f in flat]
         for fs in states:
             if fs.status != "finished" and errors == "raise":
-                raise fs.exception()
+                raise fs.exception_to_raise()
         need = [fs for fs in states if fs.status == "finished" and not fs.has_value and fs.payload is None]
         if need:
             self._sync(self._fetch(need))
@@ -781,7 +910,7 @@ class Client(PluginMethods):
         states = [f._state for f in flat]
         for fs in states:
             if fs.status != "finished" and errors == "raise":
-                raise fs.exception()
+                raise fs.exception_to_raise()
         done = [fs for fs in states if fs.status == "finished"]
         await self._fetch(done)
         return _rebuild(futures, {fs.key: fs.value for fs in done}, errors)
@@ -806,6 +935,7 @@ class Client(PluginMethods):
             items = {i: v for i, v in enumerate(data)}
         payloads: dict[str, Payload] = {}
         nbytes: dict[str, int] = {}
+        typenames: dict[str, str] = {}
         names: dict[Any, str] = {}
         for name, value in items.items():
             payload = serialize(value)
@@ -818,15 +948,22 @@ class Client(PluginMethods):
             names[name] = key
             payloads[key] = payload
             nbytes[key] = sizeof(value)
-        coro = self._scatter(payloads, nbytes, workers, broadcast)
+            typenames[key] = type(value).__name__
+        coro = self._scatter(payloads, nbytes, workers, broadcast, typenames)
         if self.asynchronous:
             return self._finish_scatter_async(coro, data, names, single)
         self._sync(coro)
         return _scatter_result(self, data, names, single)
 
     async def _scatter(
-        self, payloads: dict[str, Payload], nbytes: dict[str, int], workers: Any, broadcast: bool
+        self,
+        payloads: dict[str, Payload],
+        nbytes: dict[str, int],
+        workers: Any,
+        broadcast: bool,
+        typenames: dict[str, str] | None = None,
     ) -> None:
+        self._check_connected()
         for key in payloads:
             self._acquire(key)  # held until the public futures exist
         try:
@@ -844,7 +981,7 @@ class Client(PluginMethods):
             for key, holders in who_has.items():
                 fs = self._futures.get(key)
                 if fs is not None:
-                    fs.finish(holders, None, None)
+                    fs.finish(holders, (typenames or {}).get(key), None)
         except BaseException:
             for key in payloads:
                 fs = self._futures.get(key)
@@ -904,6 +1041,7 @@ class Client(PluginMethods):
         return self._sync(self._set_resources(worker, offer))
 
     async def _set_resources(self, worker: str, offer: dict[str, Any]) -> None:
+        self._check_connected()
         loop = asyncio.get_running_loop()
         rid = next(self._request_ids)
         fut: asyncio.Future[Any] = loop.create_future()
@@ -952,8 +1090,18 @@ def _digest(fid: str, args: Payload, pure: bool) -> str:
     return h.hexdigest()
 
 
+def _not_callable(what: str, func: Any) -> str:
+    hint = ""
+    if isinstance(func, str):
+        hint = f" (to run {func!r} on workers of another runtime, pass runtime=..., e.g. 'js')"
+    return f"{what} needs a callable, got {type(func).__name__}{hint}"
+
+
 def _make_key(func: Any, fid: str, args: Payload, pure: bool) -> str:
-    name = getattr(func, "__name__", None) or type(func).__name__
+    if isinstance(func, str):  # a function of another runtime, by name: "module:function"
+        name = func.rsplit(":", 1)[-1].rsplit(".", 1)[-1] or "task"
+    else:
+        name = getattr(func, "__name__", None) or type(func).__name__
     if name == "<lambda>":
         name = "lambda"
     return f"{name}-{_digest(fid, args, pure)}"
@@ -996,7 +1144,7 @@ def _rebuild(obj: Any, values: dict[str, Any], errors: str) -> Any:
 
 def _scatter_result(client: Client, data: Any, names: dict[Any, str], single: bool) -> Any:
     futures = {name: Future(key, client) for name, key in names.items()}
-    for key in names.values():
+    for key in dict.fromkeys(names.values()):  # one hold per key, equal values share one
         fs = client._futures.get(key)
         if fs is not None:
             client._release(fs)  # drop the hold taken while scattering
@@ -1031,6 +1179,10 @@ def _annotated_options(
         opts["workers"] = [w] if isinstance(w, str) else (list(w) if w else None)
     if "allow_other_workers" in annotations:
         opts["allow_other_workers"] = bool(annotations["allow_other_workers"])
+    if "environment" in annotations:
+        opts["environment"] = environment_names(
+            annotations["environment"], f"environment annotation of {key!r}"
+        )
     if "retries" in annotations:
         r = annotations["retries"]
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
@@ -1045,7 +1197,7 @@ def _annotated_options(
 
 
 def _graph_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    allowed = ("priority", "workers", "allow_other_workers", "retries", "resources")
+    allowed = ("priority", "workers", "allow_other_workers", "retries", "resources", "environment")
     return {k: kwargs[k] for k in allowed if k in kwargs}
 
 

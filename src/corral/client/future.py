@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FutureCancelledError, KilledWorker, LostDataError, RemoteError, RemoteTraceback
+from ..errors import (
+    CommClosedError,
+    FutureCancelledError,
+    KilledWorker,
+    LostDataError,
+    RemoteError,
+    RemoteTraceback,
+)
 from ..protocol.messages import ErrorInfo
 from ..protocol.serialize import Payload, deserialize
 
@@ -61,6 +69,29 @@ def rebuild_error(error: ErrorInfo, key: str | None = None) -> BaseException:
     if error.traceback_text and exc.__cause__ is None:
         exc.__cause__ = RemoteTraceback(f"\n\nRemote traceback:\n{error.traceback_text}")
     return exc
+
+
+def _rebuild_off_stack(error: ErrorInfo, key: str) -> BaseException:
+    """:func:`rebuild_error` in a short-lived thread.
+
+    tblib rebuilds a traceback by raising in frames whose ``f_back`` is the
+    stack of the caller; the caller's frames hold futures (``result(self)``),
+    and the error is kept on the future's state, so every future that ever
+    failed would stay alive and its key would never be released.  A fresh
+    thread's stack holds none of them.
+    """
+    out: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(rebuild_error(error, key))
+        except Exception as exc:  # pragma: no cover - rebuild_error falls back itself
+            out.append(RemoteError(error.typename, f"{error.message} ({exc})", error.traceback_text))
+
+    thread = threading.Thread(target=run, name="corral-rebuild-error", daemon=True)
+    thread.start()
+    thread.join()
+    return out[0]
 
 
 class FutureState:
@@ -126,6 +157,23 @@ class FutureState:
         self.error = ErrorInfo(typename="CancelledError", message=reason)
         self._complete("lost" if lost else "cancelled")
 
+    def comm_lost(self, reason: str) -> None:
+        """The connection to the scheduler is gone: the key can never finish here.
+
+        Its status is ``lost``; ``result()`` raises :class:`CommClosedError`
+        naming the scheduler, and ``exception()`` returns that error.
+        """
+        self.error = ErrorInfo(typename="CommClosedError", message=reason)
+        self.exception_obj = CommClosedError(reason)
+        self._complete("lost")
+
+    @property
+    def failed(self) -> bool:
+        """True if the key erred, or can never finish because the scheduler is gone."""
+        return self.status == "error" or (
+            self.status == "lost" and isinstance(self.exception_obj, CommClosedError)
+        )
+
     def reset(self) -> None:
         """The key is being computed again (its data was lost)."""
         with self.lock:
@@ -179,6 +227,24 @@ class FutureState:
             self._callbacks.append(cb)
             return True
 
+    def exception_to_raise(self) -> BaseException:
+        """A copy of :meth:`exception` to raise.
+
+        Raising adds the frames it passes to the exception's traceback; those
+        frames hold the futures, so on the cached exception they would keep
+        every future that ever raised alive (its key never released).
+        """
+        exc = self.exception()
+        try:
+            fresh = copy.copy(exc)
+        except Exception:
+            return exc
+        if type(fresh) is not type(exc) or fresh is exc:
+            return exc
+        fresh.__cause__ = exc.__cause__
+        fresh.__suppress_context__ = exc.__suppress_context__
+        return fresh.with_traceback(exc.__traceback__)
+
     def exception(self) -> BaseException:
         """The exception to raise for an erred, cancelled or lost key."""
         if self.exception_obj is None:
@@ -186,7 +252,7 @@ class FutureState:
             if self.status in ("cancelled", "lost"):
                 self.exception_obj = FutureCancelledError(self.key, self.error.message)
             else:
-                self.exception_obj = rebuild_error(self.error, self.key)
+                self.exception_obj = _rebuild_off_stack(self.error, self.key)
         return self.exception_obj
 
 
@@ -246,16 +312,16 @@ class Future:
             return self._exception_async(timeout)
         if not self._state.wait(timeout):
             raise TimeoutError(f"{self.key!r} not done within {timeout}s")
-        return self._state.exception() if self._state.status == "error" else None
+        return self._state.exception() if self._state.failed else None
 
     async def _exception_async(self, timeout: float | None) -> BaseException | None:
         await asyncio.wait_for(self._state.wait_async(), timeout)
-        return self._state.exception() if self._state.status == "error" else None
+        return self._state.exception() if self._state.failed else None
 
     def traceback(self, timeout: float | None = None) -> Any:
         """The remote traceback object of a failed future (``None`` if it succeeded)."""
         exc = self.exception(timeout) if not self._client.asynchronous else None
-        if exc is None and self._client.asynchronous and self._state.status == "error":
+        if exc is None and self._client.asynchronous and self._state.failed:
             exc = self._state.exception()
         return exc.__traceback__ if exc is not None else None
 

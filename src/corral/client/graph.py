@@ -151,7 +151,8 @@ def _refs_for_futures(node: Any) -> Any:
 # tasks it reaches through the original dependencies without passing another
 # task of the optimised graph.  Fused annotations combine: ``resources`` take
 # the largest demand of each resource, ``retries`` and ``priority`` the largest
-# value, anything else the task's own value or else the first one found.
+# value, ``environment`` every environment named (issue 5), anything else the
+# task's own value or else the first one found.
 
 _MAX_MERGED = ("retries", "priority")
 
@@ -166,6 +167,10 @@ def _merge_annotation(into: dict[str, Any], found: Mapping[str, Any]) -> None:
                 have = into[name].get(r)
                 with contextlib.suppress(TypeError):  # not numbers: validation reports it
                     into[name][r] = amount if have is None else max(have, amount)
+        elif name == "environment" and value and into[name]:
+            have = [into[name]] if isinstance(into[name], str) else list(into[name])
+            more = [value] if isinstance(value, str) else list(value)
+            into[name] = list(dict.fromkeys([*have, *more]))
         elif name in _MAX_MERGED:
             with contextlib.suppress(TypeError):
                 into[name] = max(into[name], value)
@@ -219,36 +224,60 @@ def raw_annotations(source: Any) -> tuple[dict[Hashable, dict[str, Any]], list[A
     return by_key, hlgs
 
 
+def _inner_keys(node: Any, out: set[Hashable]) -> None:
+    """Keys of the original tasks fused inside ``node`` (nested subgraphs too)."""
+    try:
+        from dask._task_spec import _execute_subgraph
+    except ImportError:  # pragma: no cover - another dask
+        return
+    if getattr(node, "func", None) is not _execute_subgraph or not node.args:
+        return
+    inner = node.args[0]
+    if isinstance(inner, Mapping):
+        for k, v in inner.items():
+            out.add(k)
+            _inner_keys(v, out)
+
+
 def task_annotations(source: Any, nodes: Mapping[Hashable, Any]) -> dict[str, dict[str, Any]]:
-    """Each task's annotations (scheduler key -> annotations), fused tasks included."""
+    """Each task's annotations (scheduler key -> annotations), fused tasks included.
+
+    A task collects the annotations of its own key, of the original tasks fused
+    inside it, and of every original task reached from those through the
+    original dependencies without crossing one of its own inputs.  Aliases do
+    no work and get none.
+    """
+    try:
+        from dask._task_spec import Alias
+    except ImportError:  # pragma: no cover - another dask
+        Alias = ()  # noqa: N806
     by_key, hlgs = raw_annotations(source)
     if not by_key:
         return {}
-    out: dict[str, dict[str, Any]] = {}
-    fused_away = any(k not in nodes for k in by_key)
     raw_deps: dict[Hashable, Any] = {}
-    if fused_away:
-        for hlg in hlgs:
-            # without them, fused tasks go unannotated
-            with contextlib.suppress(Exception):
-                raw_deps.update(hlg.get_all_dependencies())
-    for key in nodes:
+    for hlg in hlgs:
+        # without them, fused tasks go unannotated
+        with contextlib.suppress(Exception):
+            raw_deps.update(hlg.get_all_dependencies())
+    out: dict[str, dict[str, Any]] = {}
+    for key, node in nodes.items():
+        if isinstance(node, Alias):
+            continue
+        seeds: set[Hashable] = {key}
+        _inner_keys(node, seeds)
+        inputs = set(getattr(node, "dependencies", ()))
         merged: dict[str, Any] = {}
-        own = by_key.get(key)
-        if own:
-            _merge_annotation(merged, own)
-        if raw_deps:
-            stack = list(raw_deps.get(key, ()))
-            seen = {key}
-            while stack:
-                k = stack.pop()
-                if k in seen or k in nodes:
-                    continue
-                seen.add(k)
-                found = by_key.get(k)
-                if found:
-                    _merge_annotation(merged, found)
-                stack.extend(raw_deps.get(k, ()))
+        stack = list(seeds)
+        seen: set[Hashable] = set()
+        while stack:
+            k = stack.pop()
+            if k in seen or (k in inputs and k not in seeds):
+                continue
+            seen.add(k)
+            found = by_key.get(k)
+            if found:
+                _merge_annotation(merged, found)
+            stack.extend(raw_deps.get(k, ()))
         if merged:
             out[stringify(key)] = merged
     return out

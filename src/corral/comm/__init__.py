@@ -2,9 +2,11 @@
 
 from .connection import Connection, format_address, open_connection, parse_address, start_server
 from .handshake import accept, connect, connect_with_retry
+from .security import Security
 
 __all__ = [
     "Connection",
+    "Security",
     "accept",
     "connect",
     "connect_with_retry",

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import ssl
 import typing
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import CommClosedError, ProtocolError
+from ..errors import CommClosedError, HandshakeError, ProtocolError
 from ..protocol.codec import Encoder, decode
 from ..protocol.framing import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -72,6 +74,7 @@ class Connection(asyncio.BufferedProtocol):
         self._close_callbacks: list[Callable[[Connection], None]] = []
         self.peer: str = "?"
         self.close_reason: str | None = None
+        self.lost_exception: BaseException | None = None  # why the transport was lost
         self.info: dict[str, Any] = {}  # owner's bookkeeping: role, id, ...
 
     # -- asyncio.BufferedProtocol --------------------------------------------------
@@ -80,6 +83,7 @@ class Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _set_keepalive(sock)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -107,6 +111,7 @@ class Connection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_exception = exc
         if self.close_reason is None:
             self.close_reason = f"connection lost: {exc}" if exc else "closed by peer"
         if not self._closed.done():
@@ -269,6 +274,26 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.abort()
 
 
+#: TCP keepalive: a peer that vanished without closing (host down, cable cut) is
+#: noticed after about KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL seconds.
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+
+
+def _set_keepalive(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        if hasattr(socket, "TCP_KEEPINTVL"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        if hasattr(socket, "TCP_KEEPCNT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except OSError:  # pragma: no cover - exotic sockets
+        pass
+
+
 def parse_address(address: str) -> tuple[str, str, int]:
     """Split ``tcp://host:port`` into ``("tcp", host, port)``."""
     scheme, sep, rest = address.rpartition("://")
@@ -289,16 +314,39 @@ def format_address(host: str, port: int, scheme: str = "tcp") -> str:
     return f"{scheme}://{host}:{port}"
 
 
-async def open_connection(address: str, timeout: float = 10.0, **kwargs: Any) -> Connection:
-    """Open a TCP connection to ``address``; raise ``OSError`` or ``TimeoutError``."""
-    _, host, port = parse_address(address)
+async def open_connection(
+    address: str,
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+    **kwargs: Any,
+) -> Connection:
+    """Open a connection to ``address``; raise ``OSError`` or ``TimeoutError``.
+
+    A ``tls://`` address needs ``ssl_context`` (a client context, e.g.
+    ``Security.client_context()``); a ``tcp://`` one is plain TCP.  ``timeout``
+    covers the TCP connection and the TLS handshake together.
+    """
+    scheme, host, port = parse_address(address)
+    tls: ssl.SSLContext | None = None
+    if scheme == "tls":
+        if ssl_context is None:
+            raise ValueError(
+                f"{address} is a TLS address: give TLS settings "
+                "(security=Security(...), tls_ca_file=..., or --tls-ca-file)"
+            )
+        tls = ssl_context
     loop = asyncio.get_running_loop()
+    extra: dict[str, Any] = {}
+    if tls is not None:
+        extra = {"ssl": tls, "server_hostname": host, "ssl_handshake_timeout": timeout}
     try:
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: Connection(**kwargs), host, port), timeout
+            loop.create_connection(lambda: Connection(**kwargs), host, port, **extra), timeout
         )
     except asyncio.TimeoutError:
         raise TimeoutError(f"timed out connecting to {address} after {timeout}s") from None
+    except ssl.SSLError as exc:  # certificates do not match: retrying will not help
+        raise HandshakeError(f"TLS handshake with {address} failed: {exc}") from exc
     return conn
 
 
@@ -306,9 +354,17 @@ async def start_server(
     host: str,
     port: int,
     on_connection: Callable[[Connection], Any],
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_frame_bytes: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> asyncio.Server:
-    """Listen on ``host:port``; run ``on_connection(conn)`` (a coroutine) per connection."""
+    """Listen on ``host:port``; run ``on_connection(conn)`` (a coroutine) per connection.
+
+    With ``ssl_context`` (a server context) the port speaks TLS only; a peer
+    that does not complete the TLS handshake within the handshake timeout is
+    dropped.  ``max_frame_bytes`` defaults to :func:`default_max_frame_bytes`.
+    """
+    if max_frame_bytes is None:
+        max_frame_bytes = default_max_frame_bytes()
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()
 
@@ -322,4 +378,41 @@ async def start_server(
         host,
         port,
         reuse_address=True,
+        ssl=ssl_context,
+        ssl_handshake_timeout=_handshake_timeout() if ssl_context is not None else None,
     )
+
+
+def _handshake_timeout() -> float:
+    from . import handshake  # read at call time: tests lower it
+
+    return float(handshake.HANDSHAKE_TIMEOUT)
+
+
+#: Environment variable setting the largest frame a server accepts (bytes, or "64MiB").
+MAX_FRAME_ENV = "CORRAL_MAX_FRAME_SIZE"
+
+
+def default_max_frame_bytes() -> int:
+    """The largest frame a server accepts: ``$CORRAL_MAX_FRAME_SIZE`` or 4 GiB."""
+    text = os.environ.get(MAX_FRAME_ENV)
+    if not text:
+        return DEFAULT_MAX_FRAME_BYTES
+    return parse_frame_size(text)
+
+
+def parse_frame_size(text: str | int) -> int:
+    """``"64MiB"`` / ``"100MB"`` / ``1048576`` -> bytes (at least 64 KiB)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        from ..deploy.local import parse_bytes
+
+        value = parse_bytes(text)
+    if value < MIN_MAX_FRAME_BYTES:
+        raise ValueError(f"the frame size limit must be at least 64 KiB, got {text!r}")
+    return value
+
+
+#: Smallest accepted frame size limit: headers of ordinary batches must fit.
+MIN_MAX_FRAME_BYTES = 64 * 1024

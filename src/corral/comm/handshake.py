@@ -15,12 +15,14 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Iterable
+import ssl
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import HandshakeError, ProtocolError
+from ..errors import CommClosedError, HandshakeError, ProtocolError
 from ..protocol.messages import PROTOCOL_VERSION, Handshake, Hello, Refused, Welcome
 from .connection import Connection, open_connection
+from .security import Security, client_ssl
 
 logger = logging.getLogger("corral.comm")
 
@@ -46,11 +48,13 @@ async def accept(
     allowed_roles: Iterable[str],
     info: dict[str, Any] | None = None,
     timeout: float | None = None,
+    check: Callable[[Handshake], str | None] | None = None,
 ) -> Handshake:
     """Run the server side; return the peer's handshake or raise :class:`HandshakeError`.
 
     On failure the connection is closed after telling the peer why.  ``timeout``
-    defaults to :data:`HANDSHAKE_TIMEOUT`.
+    defaults to :data:`HANDSHAKE_TIMEOUT`.  ``check(handshake)``, called last,
+    may return a reason to refuse the peer (the scheduler's strict version check).
     """
     if timeout is None:
         timeout = HANDSHAKE_TIMEOUT
@@ -77,6 +81,9 @@ async def accept(
     expected = answer_challenge(token, challenge)
     if expected is not None and not hmac.compare_digest(expected, bytes(msg.response or b"")):
         raise refuse("authentication failed: wrong or missing token")
+    reason = check(msg) if check is not None else None  # e.g. strict version checks
+    if reason:
+        raise refuse(reason)
     conn.send(Welcome(id=server_id, info=info))
     conn.lift_limits()
     conn.info.update(role=msg.role, id=msg.id, name=msg.name)
@@ -92,13 +99,27 @@ async def connect(
     token: str | None = None,
     versions: dict[str, Any] | None = None,
     timeout: float | None = None,
+    security: Security | None = None,
 ) -> tuple[Connection, Welcome]:
-    """Open a connection to ``address`` and run the connector side of the handshake."""
+    """Open a connection to ``address`` and run the connector side of the handshake.
+
+    ``tls://`` addresses use ``security``'s client context; a TLS refusal
+    (certificates) raises :class:`HandshakeError` at once.
+    """
     if timeout is None:
         timeout = HANDSHAKE_TIMEOUT
-    conn = await open_connection(address, timeout=timeout)
+    conn = await open_connection(address, timeout=timeout, ssl_context=client_ssl(security))
     try:
-        hello = await conn.recv(timeout=timeout)
+        try:
+            hello = await conn.recv(timeout=timeout)
+        except CommClosedError as exc:
+            if isinstance(conn.lost_exception, ssl.SSLError):
+                # TLS 1.3: the server checks our certificate after our side of the
+                # TLS handshake finished, and says no with an alert.
+                raise HandshakeError(
+                    f"{address} refused the TLS connection: {conn.lost_exception}"
+                ) from exc
+            raise
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected hello from {address}, got {type(hello).op!r}")
         if hello.protocol != PROTOCOL_VERSION:

@@ -18,6 +18,15 @@ import psutil
 
 from .._loop import LoopThread
 from ..comm.handshake import connect_with_retry
+from ..comm.security import (
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    Security,
+    forget_local_token,
+    generate_token,
+    register_local_token,
+)
+from ..nanny import Slot
 from ..protocol.messages import Reply, Request
 from ..resources import format_resources as _format_resources
 from ..resources import validate_worker_resources
@@ -44,8 +53,12 @@ def format_resources(resources: dict[str, Any]) -> str:
 class LocalCluster:
     """A scheduler and ``n_workers`` workers on this machine.
 
-    With ``processes=True`` (the default) each runs in its own subprocess;
-    with ``processes=False`` they run in this process, on a background loop.
+    With ``processes=True`` (the default) each runs in its own subprocess,
+    supervised by the cluster (:mod:`corral.nanny`): a worker that crashes or
+    is asked to restart (``client.restart()``, ``client.restart_workers``,
+    ``PipInstall(restart_workers=True)``) gets a fresh process under the same
+    name.  With ``processes=False`` they run in this process, on a background
+    loop, and cannot be restarted.
 
     Example::
 
@@ -65,7 +78,8 @@ class LocalCluster:
         memory_limit: int | str | None = "auto",
         resources: dict[str, Any] | list[dict[str, Any]] | None = None,
         asynchronous: bool = False,
-        token: str | None = None,
+        token: str | bool | None = None,
+        security: Security | None = None,
         startup_timeout: float = 60.0,
         log_level: str = "WARNING",
         preload: str | list[str] | None = None,
@@ -99,7 +113,14 @@ class LocalCluster:
             )
         self.memory_limit = _memory_limit(memory_limit, max(1, n_workers))
         self.asynchronous = asynchronous
-        self.token = token
+        # Every connection must know this token: a fresh random one unless given
+        # (token=False: none).  ``Client(cluster)`` and, in this process,
+        # ``Client(cluster.scheduler_address)`` use it without being told.
+        if token is None or token is True:
+            token = generate_token()
+        self.token: str | None = token or None
+        # TLS for every connection (tls:// addresses) when given; docs/security.md.
+        self.security = security
         self.startup_timeout = startup_timeout
         self.log_level = log_level
         # Preloads (corral.preload): ``preload`` for the scheduler, ``worker_preload``
@@ -116,9 +137,13 @@ class LocalCluster:
         self._tmpdir = tempfile.mkdtemp(prefix="corral-")
         self._scheduler_proc: subprocess.Popen[bytes] | None = None
         self._worker_procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Supervision of worker processes (corral.nanny): name -> its slot.
+        self._slots: dict[str, Slot] = {}
+        self._supervision = {"stopping": False}
+        self._watcher: asyncio.Task[None] | None = None
         # Every process started, stopped at interpreter exit if close() never ran.
         self._all_procs: list[subprocess.Popen[bytes]] = []
-        weakref.finalize(self, _kill_processes, self._all_procs)
+        weakref.finalize(self, _kill_processes, self._all_procs, 5.0, self._supervision)
         self._scheduler: Scheduler | None = None
         self._workers: dict[str, Worker] = {}
         self._names = iter(range(10**9))
@@ -160,9 +185,13 @@ class LocalCluster:
                 token=self.token,
                 preload=self.preload,
                 preload_argv=self.preload_argv,
+                security=self.security,
             ).start()
             self.scheduler_address = self._scheduler.address
+        register_local_token(self.scheduler_address, self.token)
         self.status = "running"
+        if self.processes:
+            self._watcher = asyncio.ensure_future(_watch(weakref.ref(self)))
         await self._scale(self.n_workers)
         return self
 
@@ -173,6 +202,8 @@ class LocalCluster:
             "--host", self.host, "--port", str(self.scheduler_port),
             "--scheduler-file", sched_file, "--log-level", self.log_level,
         ]  # fmt: skip
+        if self.security is not None:
+            cmd += self.security.cli_args()
         cmd += _preload_args(self.preload, self.preload_argv)
         self._scheduler_proc = subprocess.Popen(cmd, env=self._env())
         self._all_procs.append(self._scheduler_proc)
@@ -192,8 +223,11 @@ class LocalCluster:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop(TOKEN_FILE_ENV, None)
         if self.token:
-            env["CORRAL_AUTH_TOKEN"] = self.token
+            env[TOKEN_ENV] = self.token
+        else:
+            env.pop(TOKEN_ENV, None)
         # Workers import what this process can import (scripts run from a folder).
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         cwd = os.getcwd()
@@ -219,8 +253,11 @@ class LocalCluster:
             ]  # fmt: skip
             if resources is not None:  # "" too: explicit, not $CORRAL_WORKER_RESOURCES
                 cmd += ["--resources", format_resources(resources)]
+            if self.security is not None:
+                cmd += self.security.cli_args()
             cmd += _preload_args(self.worker_preload, self.worker_preload_argv)
-            proc = self._worker_procs[name] = subprocess.Popen(cmd, env=self._env())
+            slot = self._slots[name] = Slot(cmd, env=self._env(), label=f"{name!r}")
+            proc = self._worker_procs[name] = slot.spawn()
             self._all_procs.append(proc)
         else:
             worker = Worker(
@@ -232,14 +269,46 @@ class LocalCluster:
                 token=self.token,
                 preload=self.worker_preload,
                 preload_argv=self.worker_preload_argv,
+                security=self.security,
             )
             self._workers[name] = await worker.start()
 
+    def _reap(self) -> None:
+        """Restart worker processes that asked for it or crashed (see :mod:`corral.nanny`)."""
+        if self._supervision["stopping"]:
+            return
+        for name, slot in list(self._slots.items()):
+            proc = self._worker_procs.get(name)
+            if proc is None or slot.outcome is not None:
+                continue  # stopped, or finished for good (left to _forget_dead_workers)
+            if slot.restart_at is None:
+                code = proc.poll()
+                if code is None or slot.exited(code) != "restart":
+                    continue
+            if slot.due():
+                new = self._worker_procs[name] = slot.spawn()
+                self._all_procs.append(new)
+
+    def _restarting(self, name: str) -> bool:
+        slot = self._slots.get(name)
+        return slot is not None and slot.restart_at is not None
+
+    def _dead_workers(self) -> list[str]:
+        """Names of worker processes that exited and will not be restarted."""
+        self._reap()
+        return [
+            name
+            for name, p in self._worker_procs.items()
+            if p.poll() is not None and not self._restarting(name)
+        ]
+
     def _forget_dead_workers(self) -> None:
-        """Drop worker processes that exited (killed, crashed): scaling replaces them."""
-        for name, proc in list(self._worker_procs.items()):
-            if proc.poll() is not None:
-                del self._worker_procs[name]
+        """Drop worker processes that exited for good: scaling replaces them."""
+        for name in self._dead_workers():
+            del self._worker_procs[name]
+            slot = self._slots.pop(name, None)
+            if slot is not None:
+                slot.cleanup()
         self._all_procs[:] = [p for p in self._all_procs if p.poll() is None]
 
     async def _scale(self, n: int) -> None:
@@ -255,9 +324,12 @@ class LocalCluster:
         await self._wait_for_workers(n, running_before)
 
     async def _stop_worker(self, name: str) -> None:
+        slot = self._slots.pop(name, None)  # not restarted from now on
         proc = self._worker_procs.pop(name, None)
         if proc is not None:
             await _terminate(proc)
+        if slot is not None:
+            slot.cleanup()
         worker = self._workers.pop(name, None)
         if worker is not None:
             await worker.close()
@@ -271,6 +343,7 @@ class LocalCluster:
             role="client",
             my_id=f"cluster-{os.getpid()}-{id(self)}",
             token=self.token,
+            security=self.security,
         )
         try:
             deadline = time.monotonic() + self.startup_timeout
@@ -279,7 +352,7 @@ class LocalCluster:
                 reply = await conn.recv(timeout=self.startup_timeout)
                 assert isinstance(reply, Reply)
                 have = len(reply.result["workers"])
-                dead = [name for name, p in self._worker_procs.items() if p.poll() is not None]
+                dead = self._dead_workers()
                 if have == n and not dead:
                     return
                 if any(name not in running_before for name in dead):
@@ -320,6 +393,9 @@ class LocalCluster:
         if self.status == "closed":
             return
         self.status = "closed"
+        self._supervision["stopping"] = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         await asyncio.gather(*(self._stop_worker(n) for n in list(self._worker_procs)))
         await asyncio.gather(*(w.close() for w in self._workers.values()))
         self._workers.clear()
@@ -327,6 +403,7 @@ class LocalCluster:
             await _terminate(self._scheduler_proc)
         if self._scheduler is not None:
             await self._scheduler.close()
+        forget_local_token(self.scheduler_address)
         with contextlib.suppress(OSError):
             for f in os.listdir(self._tmpdir):
                 os.unlink(os.path.join(self._tmpdir, f))
@@ -359,8 +436,30 @@ def _preload_args(preload: list[str] | None, argv: list[str]) -> list[str]:
     return [arg for p in preload for arg in ("--preload", p)] + list(argv)
 
 
-def _kill_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
+async def _watch(ref: weakref.ref[LocalCluster], interval: float = 0.1) -> None:
+    """Supervise a cluster's worker processes while it runs (holding no strong reference)."""
+    while True:
+        cluster = ref()
+        if cluster is None or cluster.status != "running":
+            return
+        try:
+            cluster._reap()
+        except Exception:  # never let supervision die silently
+            import logging
+
+            logging.getLogger("corral.deploy").exception("supervising worker processes failed")
+        del cluster
+        await asyncio.sleep(interval)
+
+
+def _kill_processes(
+    procs: list[subprocess.Popen[bytes]],
+    timeout: float = 5.0,
+    supervision: dict[str, bool] | None = None,
+) -> None:
     """Stop processes still running (a cluster never closed): SIGTERM, then SIGKILL."""
+    if supervision is not None:
+        supervision["stopping"] = True  # no restarts from here on
     alive = [p for p in procs if p.poll() is None]
     for p in alive:
         with contextlib.suppress(OSError):

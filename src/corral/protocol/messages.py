@@ -494,10 +494,15 @@ class CloseWorker(Message):
 # ---------------------------------------------------------------------------
 @record
 class GetData(Message):
-    """Ask a worker for the values of ``keys``."""
+    """Ask a worker for the values of ``keys``.
+
+    ``serializers``: the payload serializers the asker can read, best first
+    (a JavaScript peer sends ``["msgpack"]``); ``None``: any (Python peers).
+    """
 
     op: ClassVar[str] = "get_data"
     keys: list[str]
+    serializers: list[str] | None = None
 
 
 @record
@@ -791,3 +796,170 @@ class WorkerResult(Message):
     op: ClassVar[str] = "worker_result"
     id: int
     outcome: Outcome
+
+
+# ---------------------------------------------------------------------------
+# Worker environments (issue 5): named sets of workers, prepared by a setup.
+# The environment payload is opaque to the scheduler (a pickled
+# ``corral.WorkerEnvironment``); membership travels as ``environment_status``.
+# ---------------------------------------------------------------------------
+@record
+class RegisterWorkerEnvironment(Message):
+    """Client -> scheduler: keep this environment; check it on every current and future worker.
+
+    A name already registered is replaced: workers tear the old one down, then
+    check the new one's condition and set it up where it holds.  Answered by
+    :class:`Results`, one outcome per current worker (the pickled membership,
+    ``True`` or ``False``, and the error of a failing condition or setup).
+    """
+
+    op: ClassVar[str] = "register_worker_environment"
+    id: int
+    name: str
+    environment: Payload
+
+
+@record
+class UnregisterWorkerEnvironment(Message):
+    """Client -> scheduler: forget an environment; every member tears it down.
+
+    Answered by :class:`Results`; an unknown ``name`` is an error (ValueError).
+    """
+
+    op: ClassVar[str] = "unregister_worker_environment"
+    id: int
+    name: str
+
+
+@record
+class RefreshWorkerEnvironment(Message):
+    """Client -> scheduler: check the environment's condition again on every worker.
+
+    Workers that now qualify join (setup); members that no longer do leave
+    (teardown).  Answered by :class:`Results` as ``register_worker_environment``.
+    """
+
+    op: ClassVar[str] = "refresh_worker_environment"
+    id: int
+    name: str
+
+
+@record
+class CheckEnvironment(Message):
+    """Scheduler -> worker: check this environment's condition; join (setup) or leave.
+
+    ``registration`` identifies one registration: a worker holding another
+    registration of ``name`` tears that one down first.  A member whose
+    condition still holds stays a member without a second setup.  Answered by
+    :class:`EnvironmentStatus` with the same ``id``.
+    """
+
+    op: ClassVar[str] = "check_environment"
+    id: int
+    name: str
+    environment: Payload
+    registration: str
+
+
+@record
+class TeardownEnvironment(Message):
+    """Scheduler -> worker: leave environment ``name`` (teardown if a member) and forget it.
+
+    Answered by :class:`EnvironmentStatus` with the same ``id``.
+    """
+
+    op: ClassVar[str] = "teardown_environment"
+    id: int
+    name: str
+
+
+@record
+class EnvironmentStatus(Message):
+    """Worker -> scheduler: this worker's membership of ``name`` (after setup, or after it left).
+
+    Sent in answer to ``check_environment`` / ``teardown_environment`` (with
+    their ``id``) and when the worker leaves environments as it closes.  Only
+    a status for the current ``registration`` of ``name`` changes membership.
+    ``stage`` and ``error``: what failed (``"load"``, ``"condition"``,
+    ``"setup"`` or ``"teardown"``) and how.
+    """
+
+    op: ClassVar[str] = "environment_status"
+    name: str
+    registration: str
+    member: bool
+    id: int | None = None
+    stage: str | None = None
+    error: ErrorInfo | None = None
+
+
+# ---------------------------------------------------------------------------
+# Consistency (issue 6): version checks and worker restarts.
+# Versions travel in the handshake (``handshake.versions``); a scheduler in
+# strict mode refuses a mismatched worker there, with ``refused``.
+# ---------------------------------------------------------------------------
+@record
+class CheckVersions(Message):
+    """Client -> scheduler: the versions of the scheduler and of every worker, please.
+
+    ``mode`` is the client's ``version_check``: with ``"strict"`` the
+    scheduler also refuses workers whose versions differ from this client's
+    for as long as it stays connected.  Answered by :class:`Reply` with
+    ``{"scheduler": versions, "workers": {address: versions}}``.
+    """
+
+    op: ClassVar[str] = "check_versions"
+    id: int
+    mode: str = "warn"
+
+
+@record
+class RestartWorkers(Message):
+    """Client -> scheduler: restart these workers' processes (all workers when unset).
+
+    Only workers run by a supervisor (``supervised``) can be restarted; an
+    unknown or unsupervised worker makes the whole request fail before
+    anything happens.  With ``forget`` (``client.restart()``) every task of
+    every client is cancelled first.  Answered by :class:`Results`: per
+    worker, the new process's address, or an error (``TimeoutError`` when it
+    did not come back within ``timeout`` seconds).
+    """
+
+    op: ClassVar[str] = "restart_workers"
+    id: int
+    workers: list[str] | None = None
+    timeout: float = 60.0
+    reason: str = ""
+    forget: bool = False
+
+
+@record
+class RestartWorker(Message):
+    """Scheduler -> worker: leave (``unregister``) and exit so your supervisor starts a fresh process."""
+
+    op: ClassVar[str] = "restart_worker"
+    reason: str = ""
+
+
+@record
+class Supervised(Message):
+    """Worker -> scheduler, right after ``register_worker``: a supervisor restarts me.
+
+    ``slot`` stays the same across restarts of this worker's process, so the
+    scheduler knows the new process for the old one.
+    """
+
+    op: ClassVar[str] = "supervised"
+    slot: str
+
+
+@record
+class WorkerRestarting(Message):
+    """Worker -> scheduler: I am restarting on my own (e.g. ``PipInstall(restart_workers=True)``).
+
+    Sent before the worker leaves; the scheduler waits for it to come back as
+    for a requested restart (an answer owed to a client waits too).
+    """
+
+    op: ClassVar[str] = "worker_restarting"
+    reason: str = ""

@@ -33,6 +33,10 @@ Frame = bytes | bytearray | memoryview
 #: Buffers smaller than this stay inside the pickle: an extra frame costs more.
 OUT_OF_BAND_MIN = 64 * 1024
 
+#: In the msgpack arguments of a task of another runtime, ``{REF_KEY: key}``
+#: stands for the value of ``key`` (the msgpack counterpart of :class:`Ref`).
+REF_KEY = "__corral_ref__"
+
 
 @dataclass(slots=True)
 class Payload:

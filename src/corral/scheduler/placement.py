@@ -1,17 +1,19 @@
 """Choosing a worker for a task: filters first, then one cost.
 
 Filters, in order: the worker runs the task's runtime; explicit ``workers=``
-restrictions (relaxed with ``allow_other_workers``); resources offered in at
-least the demanded amount.  Among what is left the cost is the estimated
-time until the task could start there: queued work per thread (or, for a
-task demanding resources, per unit of the scarcest demanded resource) plus
-the time to move the input bytes the worker does not hold.  Every constraint composes
-because each is just another filter.
+restrictions (relaxed with ``allow_other_workers``); membership of every
+worker environment the task names (``environment=``: the environment's setup
+finished on that worker); resources offered in at least the demanded amount.
+Among what is left the cost is the estimated time until the task could start
+there: queued work per thread (or, for a task demanding resources, per unit
+of the scarcest demanded resource) plus the time to move the input bytes the
+worker does not hold.  Every constraint composes because each is just another
+filter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,6 +29,14 @@ def offers(worker: WorkerInfo, demand: dict[str, float] | None) -> bool:
         return True
     have = worker.resources
     return all(have.get(name, 0) >= amount for name, amount in demand.items())
+
+
+def member_of(worker: WorkerInfo, environments: list[str] | None) -> bool:
+    """True if ``worker`` is a member of every environment in ``environments``."""
+    if not environments:
+        return True
+    have = worker.environments
+    return all(name in have for name in environments)
 
 
 def _restricted(ts: TaskState, workers: dict[str, WorkerInfo]) -> list[WorkerInfo]:
@@ -49,7 +59,12 @@ def candidates(ts: TaskState, workers: dict[str, WorkerInfo]) -> list[WorkerInfo
         if restricted or not ts.allow_other_workers:
             pool = restricted
     runtime = ts.runtime or "python"
-    return [ws for ws in pool if ws.runtime == runtime and offers(ws, ts.resources)]
+    envs = ts.environment
+    return [
+        ws
+        for ws in pool
+        if ws.runtime == runtime and member_of(ws, envs) and offers(ws, ts.resources)
+    ]
 
 
 def start_cost(ts: TaskState, ws: WorkerInfo) -> float:
@@ -81,7 +96,7 @@ def choose_worker(ts: TaskState, workers: dict[str, WorkerInfo]) -> WorkerInfo |
     """The best worker for ``ts`` now, or ``None`` if no worker may run it."""
     if not workers:
         return None
-    if not ts.workers and not ts.resources and not ts.runtime and not ts.deps:
+    if not (ts.workers or ts.resources or ts.runtime or ts.deps or ts.environment):
         # The hot path of a plain ``map``: least loaded Python worker.
         return min((ws for ws in workers.values() if ws.runtime == "python"), key=_load, default=None)
     pool = candidates(ts, workers)
@@ -102,8 +117,20 @@ def _load(ws: WorkerInfo) -> tuple[float, int]:
     return ws.occupancy / ws.nthreads, len(ws.processing)
 
 
-def why_no_worker(ts: TaskState, workers: dict[str, WorkerInfo]) -> str:
-    """A readable reason why no worker may run ``ts`` (empty if one may)."""
+def why_no_worker(
+    ts: TaskState,
+    workers: dict[str, WorkerInfo],
+    environments: Container[str] | None = None,
+) -> str:
+    """A readable reason why no worker may run ``ts`` (empty if one may).
+
+    ``environments``: the registered worker environments (for a task that
+    names one that is not).
+    """
+    if ts.environment and environments is not None:
+        for name in ts.environment:
+            if name not in environments:
+                return f"needs environment {name!r}; no environment named {name!r} is registered"
     if not workers:
         return "no workers are connected"
     pool = list(workers.values())
@@ -117,6 +144,15 @@ def why_no_worker(ts: TaskState, workers: dict[str, WorkerInfo]) -> str:
     if not any(ws.runtime == runtime for ws in pool):
         return f"needs runtime {runtime!r}; no worker runs it"
     pool = [ws for ws in pool if ws.runtime == runtime]
+    if ts.environment:
+        for name in ts.environment:
+            if not any(name in ws.environments for ws in pool):
+                return f"needs environment {name!r}; no worker is a member"
+        members = [ws for ws in pool if member_of(ws, ts.environment)]
+        if not members:
+            names = ", ".join(repr(n) for n in ts.environment)
+            return f"needs environments {names}; no single worker is a member of all of them"
+        pool = members
     if ts.resources:
         for name, amount in ts.resources.items():
             best = max((ws.resources.get(name, 0) for ws in pool), default=0)

@@ -431,7 +431,9 @@ class PluginHost:
             lambda sid: SetupPlugin(
                 id=sid, name=entry.name, plugin=entry.payload, registration=entry.registration
             ),
-            reply,
+            # A setup may restart its worker (PipInstall(restart_workers=True)): the
+            # answer waits until such workers are back (corral.scheduler.consistency).
+            lambda outcomes: self.scheduler._consistency.after_restarts(outcomes, reply),
         )
 
     def _unregister_worker_plugin(

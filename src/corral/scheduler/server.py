@@ -10,7 +10,6 @@ loses its connection; nobody else notices.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -20,10 +19,12 @@ from typing import Any
 
 from ..comm import Connection, format_address, start_server
 from ..comm.handshake import accept
+from ..comm.security import Security, server_ssl, warn_if_exposed, write_scheduler_file
 from ..protocol.messages import (
     AddKeys,
     CancelKeys,
     CloseWorker,
+    EnvironmentStatus,
     Heartbeat,
     Message,
     MissingData,
@@ -41,8 +42,17 @@ from ..protocol.messages import (
 )
 from ..resources import validate_resources, validate_worker_resources
 from ..versions import get_versions
+from .environment_host import ENVIRONMENT_CLIENT_OPS, EnvironmentHost
+from .consistency import CONSISTENCY_CLIENT_OPS, CONSISTENCY_WORKER_OPS, ConsistencyHost
 from .plugin_host import PLUGIN_CLIENT_OPS, PluginHost
-from .state import ClientJoined, ClientLeft, SchedulerState, WorkerLeft
+from .state import (
+    WORKER_STATUSES,
+    ClientJoined,
+    ClientLeft,
+    SchedulerState,
+    WorkerLeft,
+    WorkerStatus,
+)
 
 logger = logging.getLogger("corral.scheduler")
 
@@ -57,6 +67,12 @@ CLIENT_OPS = frozenset(
 # Plugins and run (corral.scheduler.plugin_host)
 WORKER_OPS = WORKER_OPS | {WorkerResult}
 CLIENT_OPS = CLIENT_OPS | PLUGIN_CLIENT_OPS
+# Version checks and restarts (corral.scheduler.consistency)
+WORKER_OPS = WORKER_OPS | CONSISTENCY_WORKER_OPS
+CLIENT_OPS = CLIENT_OPS | CONSISTENCY_CLIENT_OPS
+# Worker environments (corral.scheduler.environment_host)
+WORKER_OPS = WORKER_OPS | {EnvironmentStatus}
+CLIENT_OPS = CLIENT_OPS | ENVIRONMENT_CLIENT_OPS
 
 
 class Scheduler:
@@ -80,11 +96,21 @@ class Scheduler:
         allowed_failures: int = 3,
         preload: str | list[str] | None = None,
         preload_argv: list[Any] | None = None,
+        security: Security | None = None,
+        max_frame_bytes: int | None = None,
+        token_in_scheduler_file: bool = False,
+        version_check: str = "warn",
     ) -> None:
         self.host = host
         self.port = port
         self.token = token
         self.scheduler_file = scheduler_file
+        # TLS (tls:// address) when ``security`` has a certificate; see corral.comm.security.
+        self.security = security
+        self.max_frame_bytes = max_frame_bytes
+        # Write the token into the scheduler file (0600) for workers and clients
+        # that read it (``corral scheduler --auth generate``).
+        self.token_in_scheduler_file = token_in_scheduler_file
         self.id = f"scheduler-{uuid.uuid4().hex[:12]}"
         self.state = SchedulerState(allowed_failures=allowed_failures)
         self.address = ""
@@ -105,14 +131,28 @@ class Scheduler:
         self._plugin_host = PluginHost(self, preload, preload_argv)
         self.plugins: dict[str, Any] = self._plugin_host.plugins
         self.requests["get_events"] = self._plugin_host.get_events
+        # Worker environments: corral.scheduler.environment_host.
+        self._environment_host = EnvironmentHost(self)
+        self.requests["environments"] = self._environment_host.environments
+        # Version checks ("warn", "strict": refuse mismatched workers, "off") and
+        # worker restarts: corral.scheduler.consistency.
+        self._consistency = ConsistencyHost(self, version_check)
         self._accepting = asyncio.Event()  # set once preloads are set up
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> Scheduler:
         """Start listening; write the scheduler file if one was asked for."""
-        self._server = await start_server(self.host, self.port, self._on_connection)
+        tls = server_ssl(self.security)
+        self._server = await start_server(
+            self.host,
+            self.port,
+            self._on_connection,
+            max_frame_bytes=self.max_frame_bytes,
+            ssl_context=tls,
+        )
         sock = self._server.sockets[0].getsockname()
-        self.address = format_address(self.host, sock[1])
+        self.address = format_address(self.host, sock[1], "tls" if tls else "tcp")
+        warn_if_exposed("scheduler", self.host, token=self.token, security=self.security)
         try:
             await self._plugin_host.start()  # preload setups, then plugins' start
         except BaseException:
@@ -121,10 +161,10 @@ class Scheduler:
         self.status = "running"
         self._accepting.set()
         if self.scheduler_file:
-            tmp = f"{self.scheduler_file}.tmp"
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                json.dump({"address": self.address, "id": self.id, "pid": os.getpid()}, f)
-            os.replace(tmp, self.scheduler_file)
+            info: dict[str, Any] = {"address": self.address, "id": self.id, "pid": os.getpid()}
+            if self.token and self.token_in_scheduler_file:
+                info["token"] = self.token
+            write_scheduler_file(self.scheduler_file, info)  # owner-only (0600)
         logger.info("scheduler at %s", self.address)
         return self
 
@@ -187,12 +227,15 @@ class Scheduler:
                 server_id=self.id,
                 token=self.token,
                 allowed_roles=("client", "worker"),
+                check=self._consistency.check_handshake,
             )
         except Exception:
             return
         if hs.role == "worker":
             await self._serve_worker(conn)
         else:
+            if hs.id not in self._streams:
+                self._consistency.client_joined(hs.id, hs.versions)
             self._serve_client(conn, hs.id)
 
     async def _serve_worker(self, conn: Connection) -> None:
@@ -214,9 +257,11 @@ class Scheduler:
             logger.warning("refused worker %s: %s", address, exc)
             conn.abort(f"refused: {exc}")
             return
+        self._consistency.worker_joining(address, reg.versions)  # logs a mismatch
         conn.info["address"] = address
         self._streams[address] = conn
         self._plugin_host.worker_joining(address, conn)  # its plugins go first
+        self._environment_host.worker_joining(address, conn)  # then environment checks
         self._apply(address, [reg])
         logger.info("worker %s joined (%s, %d threads)", address, reg.name, reg.nthreads)
 
@@ -226,12 +271,17 @@ class Scheduler:
                 if kind not in WORKER_OPS:
                     conn.abort(f"op {kind.op!r} is not allowed from a worker")
                     return
-            events: list[Message] = []
+            events: list[Any] = []  # messages, and internal events (WorkerStatus)
+            statuses: list[EnvironmentStatus] = []
             for msg in batch:
                 if isinstance(msg, Heartbeat):
                     ws = self.state.workers.get(address)
                     if ws is not None:
                         ws.metrics = msg.metrics
+                        # Memory pause/resume (corral.worker.memory): a state event.
+                        status = msg.metrics.get("status")
+                        if status in WORKER_STATUSES and status != ws.status:
+                            events.append(WorkerStatus(address, status))
                 elif isinstance(msg, Unregister):
                     conn.info["expected"] = True
                 elif isinstance(msg, SetResources):
@@ -244,10 +294,16 @@ class Scheduler:
                     events.append(SetResources(resources=msg.resources))
                 elif isinstance(msg, WorkerResult):
                     self._plugin_host.worker_result(address, msg)
+                elif type(msg) in CONSISTENCY_WORKER_OPS:
+                    self._consistency.handle_worker(address, msg)
                 else:
+                    if isinstance(msg, EnvironmentStatus):
+                        statuses.append(msg)
                     events.append(msg)
             if events:
                 self._apply(address, events)
+            for status in statuses:  # answered once membership is in the state
+                self._environment_host.worker_status(address, status)
 
         conn.set_handler(on_messages)
         conn.on_close(self._on_worker_closed)
@@ -259,6 +315,8 @@ class Scheduler:
         expected = bool(conn.info.get("expected"))
         logger.info("worker %s left (%s)", address, conn.close_reason)
         self._plugin_host.worker_left(address)
+        self._environment_host.worker_left(address)
+        self._consistency.worker_left(address)
         if self.status == "running":
             self._apply(address, [WorkerLeft(address, expected=expected)])
 
@@ -299,6 +357,16 @@ class Scheduler:
                         self._apply(client_id, events)
                         events = []
                     self._plugin_host.handle_client(client_id, conn, msg)
+                elif kind in ENVIRONMENT_CLIENT_OPS:
+                    if events:
+                        self._apply(client_id, events)
+                        events = []
+                    self._environment_host.handle_client(client_id, conn, msg)
+                elif kind in CONSISTENCY_CLIENT_OPS:
+                    if events:
+                        self._apply(client_id, events)
+                        events = []
+                    self._consistency.handle_client(client_id, conn, msg)
                 elif kind is not Heartbeat:
                     events.append(msg)
             if events:
@@ -307,6 +375,7 @@ class Scheduler:
         def on_close(conn: Connection) -> None:
             if self._streams.get(client_id) is conn:
                 del self._streams[client_id]
+                self._consistency.client_left(client_id)
             if self.status == "running":
                 self._apply(client_id, [ClientLeft(client_id)])
 

@@ -30,6 +30,7 @@ from ..protocol.messages import (
     CancelKeys,
     Compute,
     ComputeTask,
+    EnvironmentStatus,
     ErrorInfo,
     FreeKeys,
     KeyCancelled,
@@ -149,6 +150,7 @@ class WorkerInfo:
 
     __slots__ = (
         "address",
+        "environments",
         "has_what",
         "host",
         "memory_limit",
@@ -162,6 +164,7 @@ class WorkerInfo:
         "resource_occupancy",
         "resources",
         "runtime",
+        "status",
         "versions",
     )
 
@@ -182,6 +185,10 @@ class WorkerInfo:
         self.resource_occupancy: dict[str, float] = {}
         self.nbytes = 0
         self.metrics: dict[str, Any] = {}
+        # "running", or "paused" (memory above its pause mark): no new tasks go there.
+        self.status = "running"
+        # Worker environments this worker is a member of (its setup finished there).
+        self.environments: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<Worker {self.address} processing={len(self.processing)}>"
@@ -219,6 +226,33 @@ class WorkerLeft:
     expected: bool = False
 
 
+#: What a worker may report as its status (``heartbeat.metrics["status"]``).
+WORKER_STATUSES = frozenset({"running", "paused"})
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """A worker paused (its memory is above its pause mark) or runs again."""
+
+    address: str
+    status: str  # one of WORKER_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class EnvironmentRegistered:
+    """A worker environment was registered (or replaced: members of the old one are dropped)."""
+
+    name: str
+    registration: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnvironmentUnregistered:
+    """A worker environment was unregistered: no worker is a member any more."""
+
+    name: str
+
+
 class SchedulerState:
     """All of the scheduler's knowledge, and the rules that change it."""
 
@@ -229,6 +263,9 @@ class SchedulerState:
         self.functions: dict[str, Payload] = {}
         self.function_refs: dict[str, int] = {}
         self.unrunnable: dict[TaskState, None] = {}
+        self.paused: set[str] = set()  # addresses of paused workers (memory)
+        # Registered worker environments: name -> current registration id.
+        self.environments: dict[str, str] = {}
         self.allowed_failures = allowed_failures
         self.durations: dict[str, float] = {}
         self.transition_log: deque[tuple[str, str, str, str]] = deque(maxlen=log_length)
@@ -255,6 +292,10 @@ class SchedulerState:
             ClientLeft: self._client_left,
             SetResources: self._set_resources,
             Scatter: self._scatter,
+            EnvironmentRegistered: self._environment_registered,
+            EnvironmentUnregistered: self._environment_unregistered,
+            EnvironmentStatus: self._environment_status,
+            WorkerStatus: self._worker_status,
         }
 
     # -- entry point ---------------------------------------------------------------
@@ -330,7 +371,7 @@ class SchedulerState:
             ts.allow_other_workers = spec.allow_other_workers
             ts.retries = spec.retries
             ts.runtime = spec.runtime
-            ts.environment = spec.environment
+            ts.environment = list(dict.fromkeys(spec.environment)) if spec.environment else None
             self.tasks[spec.key] = ts
             ts.needs = spec.needs or None
             for fid in ts.functions_used():
@@ -434,6 +475,8 @@ class SchedulerState:
             pool = [ws for ws in self.workers.values() if ws.address in msg.workers]
         else:
             pool = list(self.workers.values())
+            running = [ws for ws in pool if ws.status == "running"]
+            pool = running or pool  # not onto paused workers while others run
         if not pool:
             return  # the IO layer answers the request with an error before calling us
         wanted = self.clients.setdefault(client, set())
@@ -501,7 +544,60 @@ class SchedulerState:
             self._ready.append(ts)
         self._retry_unrunnable()
 
+    # -- worker environments -------------------------------------------------------
+    def _environment_registered(self, source: str, event: EnvironmentRegistered) -> None:
+        """A new registration: members of a replaced one wait for the new setup."""
+        self.environments[event.name] = event.registration
+        self._drop_membership(event.name, list(self.workers.values()))
+
+    def _environment_unregistered(self, source: str, event: EnvironmentUnregistered) -> None:
+        self.environments.pop(event.name, None)
+        self._drop_membership(event.name, list(self.workers.values()))
+
+    def _environment_status(self, source: str, msg: EnvironmentStatus) -> None:
+        """A worker joined an environment (its setup finished) or left it."""
+        ws = self.workers.get(source)
+        if ws is None or self.environments.get(msg.name) != msg.registration:
+            return  # a status of a replaced or unregistered registration
+        if msg.member:
+            if msg.name not in ws.environments:
+                ws.environments.add(msg.name)
+                self._retry_unrunnable()
+        else:
+            self._drop_membership(msg.name, [ws])
+
+    def _drop_membership(self, name: str, workers: list[WorkerInfo]) -> None:
+        """``workers`` are no longer members of ``name``: tasks queued there that need it move."""
+        for ws in workers:
+            if name not in ws.environments:
+                continue
+            ws.environments.discard(name)
+            # As for resources: a run already going on there goes on, its result dropped.
+            unfit = [t for t in ws.processing if t.environment and name in t.environment]
+            for ts in unfit:
+                self._unassign(ts)
+                self._free(ws.address, ts.key)
+                self._move(ts, "waiting")
+                self._ready.append(ts)
+
+    def _worker_status(self, source: str, event: WorkerStatus) -> None:
+        """A worker paused (no new tasks are placed there) or runs again.
+
+        Tasks already queued there stay: the worker starts them once it runs
+        again, or they move elsewhere if it dies.
+        """
+        ws = self.workers.get(event.address)
+        if ws is None or event.status not in WORKER_STATUSES or ws.status == event.status:
+            return
+        ws.status = event.status
+        if event.status == "paused":
+            self.paused.add(ws.address)
+        else:
+            self.paused.discard(ws.address)
+            self._retry_unrunnable()
+
     def _worker_left(self, source: str, event: WorkerLeft) -> None:
+        self.paused.discard(event.address)
         ws = self.workers.pop(event.address, None)
         if ws is None:
             return
@@ -823,6 +919,8 @@ class SchedulerState:
             if len(ready) > 1:
                 ready.sort(key=_priority)
             workers = self.workers
+            if self.paused:  # paused workers take no new tasks
+                workers = {a: w for a, w in workers.items() if a not in self.paused}
             for ts in ready:
                 if ts.state != "waiting" or ts.waiting_on:
                     continue
@@ -881,7 +979,10 @@ class SchedulerState:
         if ts is None:
             return f"{key!r} is not known to the scheduler"
         if ts.state == "no-worker":
-            return placement.why_no_worker(ts, self.workers) or "waiting for a worker"
+            reason = placement.why_no_worker(ts, self.workers, self.environments)
+            if not reason and self.paused:
+                reason = "every worker that may run it is paused (memory above its pause mark)"
+            return reason or "waiting for a worker"
         if ts.state == "waiting":
             names = ", ".join(repr(d.key) for d in list(ts.waiting_on)[:5])
             return f"waiting for its inputs {names}"
@@ -914,6 +1015,8 @@ class SchedulerState:
             "nbytes": ws.nbytes,
             "keys": [ts.key for ts in ws.has_what],
             "metrics": dict(ws.metrics),
+            "status": ws.status,
+            "environments": sorted(ws.environments),
         }
 
     def task_counts(self) -> dict[str, int]:
@@ -926,6 +1029,7 @@ class SchedulerState:
     # -- invariants (tests call this after every stimulus) ----------------------------
     def validate(self) -> None:
         """Raise ``AssertionError`` if any internal invariant is broken."""
+        assert self.paused == {a for a, w in self.workers.items() if w.status == "paused"}
         for key, ts in self.tasks.items():
             assert ts.key == key
             assert ts.state in TRANSITIONS, ts
@@ -933,6 +1037,9 @@ class SchedulerState:
                 assert ts.processing_on is not None, ts
                 assert ts in ts.processing_on.processing, ts
                 assert ts.processing_on.address in self.workers, ts
+                if ts.environment:
+                    missing = set(ts.environment) - ts.processing_on.environments
+                    assert not missing, f"{ts} runs outside environments {missing}"
             else:
                 assert ts.processing_on is None, ts
             if ts.state == "memory":
@@ -955,6 +1062,7 @@ class SchedulerState:
         for ts in self.unrunnable:
             assert ts.state == "no-worker"
         for ws in self.workers.values():
+            assert ws.environments <= self.environments.keys(), ws
             for ts in ws.processing:
                 assert ts.processing_on is ws
             for ts in ws.has_what:

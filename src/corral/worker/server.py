@@ -20,7 +20,8 @@ import psutil
 
 from ..comm import Connection, connect, format_address, parse_address, start_server
 from ..comm.handshake import accept
-from ..errors import CommClosedError, HandshakeError
+from ..comm.security import Security, server_ssl, warn_if_exposed
+from ..errors import CommClosedError, HandshakeError, SerializationError
 from ..protocol.messages import (
     CloseWorker,
     Compute,
@@ -31,15 +32,21 @@ from ..protocol.messages import (
     Message,
     MissingData,
     RegisterWorker,
+    RestartWorker,
     SetResources,
     Store,
+    Supervised,
     Unregister,
     UpdateWhoHas,
+    WorkerRestarting,
 )
 from ..protocol.serialize import deserialize, serialize, sizeof
+from ..nanny import EXIT_REFUSED, EXIT_RESTART
 from ..resources import resource_amounts, task_resources, validate_worker_resources
 from ..versions import get_versions
+from .environment_host import ENVIRONMENT_WORKER_OPS, WorkerEnvironmentHost
 from .execution import FunctionCache, ThreadPool, run_task
+from .memory import MEMORY_EXIT_CODE, MONITOR_INTERVAL, TERMINATE_GRACE, MemoryPolicy, decide
 from .plugin_host import PLUGIN_WORKER_OPS, WorkerPluginHost
 from .state import (
     ComputeEvent,
@@ -49,6 +56,7 @@ from .state import (
     FreeEvent,
     Gather,
     GatherDone,
+    PauseEvent,
     ReleaseData,
     SendToScheduler,
     WorkerState,
@@ -87,6 +95,11 @@ class Worker:
         connect_timeout: float | None = None,
         preload: str | list[str] | None = None,
         preload_argv: list[Any] | None = None,
+        security: Security | None = None,
+        max_frame_bytes: int | None = None,
+        memory_pause_fraction: float | None = 0.8,
+        memory_terminate_fraction: float | None = None,
+        nanny_slot: str | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads or os.cpu_count() or 1
@@ -99,6 +112,20 @@ class Worker:
         self.port = port
         self.local_directory = local_directory
         self.token = token
+        # TLS (tls:// peer address) when ``security`` has a certificate.
+        self.security = security
+        self.max_frame_bytes = max_frame_bytes
+        # Memory marks (corral.worker.memory); terminate is for workers owning
+        # their process (``corral worker`` sets it): the process then exits with
+        # ``exit_code`` (MEMORY_EXIT_CODE) and its supervisor starts a fresh one.
+        self.memory_policy = MemoryPolicy(
+            pause=memory_pause_fraction, terminate=memory_terminate_fraction
+        )
+        self.memory_paused = False
+        self.exit_code: int | None = None
+        # Run by a supervisor (corral.nanny) that restarts this process: its slot id.
+        self.nanny_slot = nanny_slot
+        self._restart_reason: str | None = None
         self.reconnect = reconnect
         self.connect_timeout = connect_timeout
         self.id = f"worker-{uuid.uuid4().hex[:12]}"
@@ -119,6 +146,9 @@ class Worker:
         # Plugins and preloads (corral.worker.plugin_host); preloads import here.
         self._plugin_host = WorkerPluginHost(self, preload, preload_argv)
         self.plugins: dict[str, Any] = self._plugin_host.plugins
+        # Worker environments (corral.worker.environment_host): name -> state dict.
+        self._environment_host = WorkerEnvironmentHost(self)
+        self.environment_state: dict[str, dict[str, Any]] = self._environment_host.state
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> Worker:
@@ -126,10 +156,18 @@ class Worker:
         loop = self._loop = asyncio.get_running_loop()
         _, sched_host, _ = parse_address(self.scheduler_address)
         listen_host = self.host or ("127.0.0.1" if _is_loopback(sched_host) else "0.0.0.0")
-        self._server = await start_server(listen_host, self.port, self._serve_peer)
+        tls = server_ssl(self.security)
+        self._server = await start_server(
+            listen_host,
+            self.port,
+            self._serve_peer,
+            max_frame_bytes=self.max_frame_bytes,
+            ssl_context=tls,
+        )
         port = self._server.sockets[0].getsockname()[1]
         advertised = listen_host if listen_host not in ("0.0.0.0", "::") else _outbound_ip(sched_host)
-        self.address = format_address(advertised, port)
+        self.address = format_address(advertised, port, "tls" if tls else "tcp")
+        warn_if_exposed("worker", listen_host, token=self.token, security=self.security)
         if self.name is None:
             self.name = self.address
         self._pool = ThreadPool(self.nthreads, loop, self._on_results, worker=self)
@@ -139,8 +177,16 @@ class Worker:
             await self.close(report=False)
             raise
         self.status = "connecting"
-        await self._connect()
+        try:
+            await self._connect()
+        except BaseException as exc:
+            if isinstance(exc, HandshakeError):  # refused (strict versions, token): final
+                self.exit_code = EXIT_REFUSED
+            await self.close(report=False)
+            raise
         self._spawn(self._heartbeat_loop())
+        if self.memory_limit > 0:
+            self._spawn(self._memory_monitor())
         self.status = "running"
         logger.info("worker %s (%s) connected to %s", self.name, self.address, self.scheduler_address)
         return self
@@ -158,6 +204,7 @@ class Worker:
                     name=self.name,
                     token=self.token,
                     versions=get_versions(),
+                    security=self.security,
                 )
                 break
             except (OSError, TimeoutError) as exc:
@@ -182,6 +229,10 @@ class Worker:
                 versions=get_versions(),
             )
         )
+        if self.nanny_slot:  # the scheduler may restart us, and knows us when we are back
+            conn.send(Supervised(slot=self.nanny_slot))
+        if self.memory_paused:  # still paused from before a reconnection
+            conn.send(Heartbeat(metrics=self._metrics()))
 
     def _on_scheduler_closed(self, conn: Connection) -> None:
         if self.status not in ("running", "connecting") or conn is not self._scheduler:
@@ -190,6 +241,7 @@ class Worker:
         # A restarted scheduler knows nothing of our tasks or data: start afresh.
         self.data.clear()
         self.state = WorkerState(self.nthreads, self.resources)
+        self.state.paused = self.memory_paused
         self.functions.trim()
         if self.reconnect:
             self.status = "connecting"
@@ -202,8 +254,10 @@ class Worker:
             await self._connect()
             self.status = "running"
             logger.info("reconnected to %s", self.scheduler_address)
-        except Exception:
+        except Exception as exc:
             logger.exception("reconnecting failed; closing")
+            if isinstance(exc, HandshakeError):
+                self.exit_code = EXIT_REFUSED  # the supervisor must not start it again
             await self.close(report=False)
 
     async def close(self, report: bool = True, reason: str = "closing") -> None:
@@ -212,6 +266,8 @@ class Worker:
             await self._closed.wait()
             return
         self.status = "closing"
+        # Leave environments first, while the scheduler can still hear about it.
+        await self._environment_host.close()
         if report and self._scheduler is not None and not self._scheduler.closed:
             with contextlib.suppress(CommClosedError):
                 self._scheduler.send(Unregister(reason=reason))
@@ -247,6 +303,58 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # -- restarts (corral.nanny) -------------------------------------------------------
+    @property
+    def supervised(self) -> bool:
+        """True when a supervisor (``corral worker``, ``LocalCluster``) restarts this process."""
+        return bool(self.nanny_slot)
+
+    def request_restart(self, reason: str = "requested") -> None:
+        """Restart this worker's process: leave cleanly, exit, let the supervisor start it again.
+
+        Plugins call it from their ``setup`` (``PipInstall(restart_workers=True)``):
+        the restart waits until the plugin setups under way finished and were
+        answered.  The scheduler is told first and waits for the worker to come
+        back.  Safe from any thread.  Raises ``RuntimeError`` when no
+        supervisor runs this worker.
+        """
+        if not self.supervised:
+            raise RuntimeError(
+                f"worker {self.address or self.name} cannot restart: it does not run under a "
+                "supervisor (start it with `corral worker` without --no-nanny, or in "
+                "LocalCluster(processes=True))"
+            )
+        loop = self._loop
+        try:
+            on_loop = loop is not None and asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if not on_loop:
+            assert loop is not None
+            loop.call_soon_threadsafe(self._restart_asked, reason, True)
+            return
+        self._restart_asked(reason, True)
+
+    def _restart_asked(self, reason: str, tell_scheduler: bool = False) -> None:
+        if self._restart_reason is not None or self.status not in ("running", "connecting"):
+            return
+        if not self.supervised:
+            logger.error("asked to restart, but no supervisor runs this worker: ignored")
+            return
+        self._restart_reason = reason
+        conn = self._scheduler
+        if tell_scheduler and conn is not None and not conn.closed:
+            conn.send(WorkerRestarting(reason=reason))
+        self._spawn(self._restart_when_idle(reason))
+
+    async def _restart_when_idle(self, reason: str) -> None:
+        while self._plugin_host._held is not None:  # a plugin setup/teardown is running
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # its answer leaves first
+        logger.info("worker %s restarting (%s)", self.name, reason)
+        self.exit_code = EXIT_RESTART
+        await self.close(reason=f"restart: {reason}")
+
     # -- scheduler stream ----------------------------------------------------------
     def _on_scheduler_messages(self, batch: list[Message]) -> None:
         if self._plugin_host.holding(batch):
@@ -273,6 +381,12 @@ class Worker:
             elif kind is CloseWorker:
                 self._spawn(self.close(reason="asked by the scheduler"))
                 return
+            elif kind is RestartWorker:
+                assert isinstance(msg, RestartWorker)
+                self._restart_asked(msg.reason)
+                return
+            elif kind in ENVIRONMENT_WORKER_OPS:
+                self._environment_host.handle(msg)
             elif kind in PLUGIN_WORKER_OPS:
                 if self._plugin_host.handle(msg, batch[i + 1 :]):
                     break  # the rest of the batch waits for the plugin setup/teardown
@@ -395,7 +509,9 @@ class Worker:
     async def _peer(self, address: str) -> Connection:
         conn = self._peers.get(address)
         if conn is None or conn.closed:
-            conn, _ = await connect(address, role="peer", my_id=self.id, token=self.token)
+            conn, _ = await connect(
+                address, role="peer", my_id=self.id, token=self.token, security=self.security
+            )
             self._peers[address] = conn
         return conn
 
@@ -443,18 +559,18 @@ class Worker:
             except CommClosedError:
                 return
             if isinstance(msg, GetData):
-                conn.send(self._get_data(msg.keys))
+                conn.send(self._get_data(msg.keys, msg.serializers))
             else:
                 conn.abort(f"op {type(msg).op!r} is not served on a worker's peer port")
                 return
 
-    def _get_data(self, keys: list[str]) -> Data:
+    def _get_data(self, keys: list[str], serializers: list[str] | None = None) -> Data:
         data = {}
         missing = []
         for key in keys:
             if key in self.data:
                 try:
-                    data[key] = serialize(self.data[key])
+                    data[key] = _serialize_for_peer(self.data[key], serializers)
                 except Exception:
                     logger.exception("cannot serialize %r for a peer", key)
                     missing.append(key)
@@ -469,22 +585,84 @@ class Worker:
             conn = self._scheduler
             if conn is None or conn.closed:
                 continue
+            conn.send(Heartbeat(metrics=self._metrics()))
+
+    def _metrics(self) -> dict[str, Any]:
+        try:
+            mem = self._process.memory_info().rss
+            cpu = self._process.cpu_percent()
+        except psutil.Error:
+            mem, cpu = 0, 0.0
+        return {
+            "memory": mem,
+            "cpu": cpu,
+            "executing": len(self.state.executing),
+            "in_memory": len(self.data),
+            "resources_available": dict(self.state.available_resources),
+            "status": "paused" if self.memory_paused else "running",
+        }
+
+    # -- memory (corral.worker.memory) -------------------------------------------------
+    async def _memory_monitor(self) -> None:
+        """Sample RSS; pause above the pause mark, resume below it, leave above terminate."""
+        while self.status in ("running", "connecting"):
+            await asyncio.sleep(MONITOR_INTERVAL)
             try:
-                mem = self._process.memory_info().rss
-                cpu = self._process.cpu_percent()
+                rss = self._process.memory_info().rss
             except psutil.Error:
-                mem, cpu = 0, 0.0
-            conn.send(
-                Heartbeat(
-                    metrics={
-                        "memory": mem,
-                        "cpu": cpu,
-                        "executing": len(self.state.executing),
-                        "in_memory": len(self.data),
-                        "resources_available": dict(self.state.available_resources),
-                    }
-                )
-            )
+                continue
+            action = decide(rss, self.memory_limit, self.memory_policy, self.memory_paused)
+            if action == "terminate":
+                self._memory_terminate(rss)
+                return
+            if action in ("pause", "resume"):
+                self._set_paused(action == "pause", rss)
+
+    def _set_paused(self, paused: bool, rss: int) -> None:
+        self.memory_paused = paused
+        used = f"{rss / 2**20:.0f} MiB of {self.memory_limit / 2**20:.0f} MiB"
+        if paused:
+            logger.warning("worker %s paused: memory %s is above its pause mark", self.name, used)
+        else:
+            logger.info("worker %s resumes: memory %s", self.name, used)
+        self._handle([PauseEvent(paused)])
+        conn = self._scheduler
+        if conn is not None and not conn.closed:
+            conn.send(Heartbeat(metrics=self._metrics()))  # the scheduler learns it now
+
+    def _memory_terminate(self, rss: int) -> None:
+        logger.error(
+            "worker %s uses %.0f MiB, above %.0f%% of its memory limit (%.0f MiB): leaving so "
+            "that its supervisor restarts it (exit code %d); its tasks move elsewhere",
+            self.name,
+            rss / 2**20,
+            100 * (self.memory_policy.terminate or 0),
+            self.memory_limit / 2**20,
+            MEMORY_EXIT_CODE,
+        )
+        self.exit_code = MEMORY_EXIT_CODE
+        if self._scheduler is not None:
+            # No goodbye: the scheduler counts the running tasks as suspicious.
+            self._scheduler.abort("worker memory above its terminate mark")
+        # If closing hangs (a plugin teardown, say), the process leaves anyway.
+        timer = threading.Timer(TERMINATE_GRACE, os._exit, (MEMORY_EXIT_CODE,))
+        timer.daemon = True
+        timer.start()
+        self._spawn(self.close(report=False, reason="memory above its terminate mark"))
+
+
+def _serialize_for_peer(value: Any, serializers: list[str] | None) -> Any:
+    """The first of the asker's ``serializers`` that can encode ``value``, else pickle.
+
+    A JavaScript peer asks for ``["msgpack"]``: plain values (numbers, strings,
+    lists, dicts, bytes) reach it as msgpack; anything else still goes as
+    pickle, and the asker reports that it cannot read it (a task error).
+    """
+    for name in serializers or ():
+        if name in ("pickle", "msgpack"):
+            with contextlib.suppress(SerializationError):
+                return serialize(value, name)
+    return serialize(value)
 
 
 def _is_loopback(host: str) -> bool:

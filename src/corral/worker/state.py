@@ -126,6 +126,17 @@ class ComputeEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class PauseEvent:
+    """Memory crossed the pause mark (``paused``) or fell back below it.
+
+    While paused, no task starts and no input is fetched; running tasks,
+    frees, serving peers and reports go on.
+    """
+
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
 class FreeEvent:
     """The scheduler freed these keys."""
 
@@ -198,6 +209,7 @@ class WorkerState:
         self._constrained: list[tuple[tuple[Any, ...], int, WTask]] = []
         self._fetch: dict[WTask, None] = {}
         self._order = itertools.count()
+        self.paused = False  # memory above the pause mark: start nothing new
         self._out: list[Instruction] = []
         self.log = _Log()
 
@@ -223,6 +235,8 @@ class WorkerState:
             elif kind is SetResources:
                 # Running tasks keep what they hold; nothing new starts until it fits.
                 self.resource_pool.update(event.resources)
+            elif kind is PauseEvent:
+                self.paused = event.paused
             else:
                 raise TypeError(f"the worker state has no handler for {kind.__name__}")
         self._ensure_computing()
@@ -468,6 +482,8 @@ class WorkerState:
         return len(self._ready) + len(self._constrained)
 
     def _ensure_computing(self) -> None:
+        if self.paused:
+            return
         while True:
             running = len(self.executing)
             if running >= self.nthreads + self.prefetch:
@@ -507,6 +523,8 @@ class WorkerState:
         return None
 
     def _ensure_fetching(self) -> None:
+        if self.paused:
+            return  # fetching brings more data into memory
         if not self._fetch or len(self.in_flight) >= MAX_GATHERS:
             return
         per_peer: dict[str, list[WTask]] = {}
