@@ -481,8 +481,9 @@ def install_upload(filename: str, data: bytes, directory: str, load: bool = True
         if not stem.isidentifier():
             raise ValueError(f"{filename!r} is not an importable module name")
         path = os.path.join(directory, filename)
-        code = compile(data, path, "exec")  # SyntaxError here: nothing written yet
-        del code
+        # A syntax error raises here, before anything is written (a <name> is never
+        # read back from disk, so the error shows the uploaded text).
+        compile(data, f"<uploaded {filename}>", "exec")
         previous = None
         if os.path.exists(path):
             with open(path, "rb") as f:

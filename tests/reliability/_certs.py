@@ -103,17 +103,17 @@ def make_cert(
 
 
 @dataclass
-class TestPKI:
+class PKI:
     ca: CertFiles
     node: CertFiles  # scheduler, workers and the client share it (signed by the CA)
     other_ca: CertFiles
     stranger: CertFiles  # signed by another CA
 
 
-def make_pki(folder: str) -> TestPKI:
+def make_pki(folder: str) -> PKI:
     ca, ca_cert, ca_key = make_ca(folder, "ca")
     other, other_cert, other_key = make_ca(folder, "other-ca")
-    return TestPKI(
+    return PKI(
         ca=ca,
         node=make_cert(folder, "node", ca_cert, ca_key),
         other_ca=other,

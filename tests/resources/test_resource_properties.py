@@ -131,7 +131,9 @@ class ResourceMachine(RuleBasedStateMachine):
                             self.last[m.key] = m
                     else:
                         assert recipient in self.workers, recipient
-                        self.queue.append(("worker", recipient, [self.convert(recipient, m) for m in msgs]))
+                        self.queue.append(
+                            ("worker", recipient, [self.convert(recipient, m) for m in msgs])
+                        )
             else:
                 w = self.workers.get(who)
                 if w is None:
@@ -216,7 +218,9 @@ class ResourceMachine(RuleBasedStateMachine):
         address = data.draw(st.sampled_from(sorted(self.workers)))
         if from_client:
             self.request_id += 1
-            self.to_scheduler(CLIENT, SetResources(resources=change, worker=address, id=self.request_id))
+            self.to_scheduler(
+                CLIENT, SetResources(resources=change, worker=address, id=self.request_id)
+            )
         else:  # Worker.set_resources on the worker itself
             self.workers[address].offer.update(change)
             self.to_worker(address, SetResources(resources=change))
@@ -230,7 +234,9 @@ class ResourceMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(sorted(w.running)))
         _, _, run_id = w.running.pop(key)
         if ok:
-            event: Any = ExecuteSuccess(key=key, run_id=run_id, nbytes=8, typename="int", start=0, stop=1)
+            event: Any = ExecuteSuccess(
+                key=key, run_id=run_id, nbytes=8, typename="int", start=0, stop=1
+            )
         else:
             err = ErrorInfo(typename="ValueError", message=key)
             event = ExecuteFailure(key=key, run_id=run_id, error=err, start=0, stop=1)
@@ -264,7 +270,11 @@ class ResourceMachine(RuleBasedStateMachine):
             self.counter += 1
             key = f"t{self.counter}"
             candidates = [t.key for t in batch] + older
-            deps = data.draw(st.lists(st.sampled_from(candidates), max_size=2, unique=True)) if candidates else []
+            deps = (
+                data.draw(st.lists(st.sampled_from(candidates), max_size=2, unique=True))
+                if candidates
+                else []
+            )
             batch.append(
                 TaskSpec(
                     key=key,
@@ -281,7 +291,9 @@ class ResourceMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.wanted)
     @rule(data=st.data())
     def client_releases(self, data):
-        keys = data.draw(st.lists(st.sampled_from(sorted(self.wanted)), min_size=1, max_size=3, unique=True))
+        keys = data.draw(
+            st.lists(st.sampled_from(sorted(self.wanted)), min_size=1, max_size=3, unique=True)
+        )
         self.wanted.difference_update(keys)
         self.to_scheduler(CLIENT, ReleaseKeys(keys=keys))
 
@@ -302,7 +314,12 @@ class ResourceMachine(RuleBasedStateMachine):
             else:
                 key = sorted(w.running)[0]
                 _, _, run_id = w.running.pop(key)
-                self.to_worker(w.address, ExecuteSuccess(key=key, run_id=run_id, nbytes=8, typename="int", start=0, stop=1))
+                self.to_worker(
+                    w.address,
+                    ExecuteSuccess(
+                        key=key, run_id=run_id, nbytes=8, typename="int", start=0, stop=1
+                    ),
+                )
         else:
             raise AssertionError("the cluster never went quiet")
         for key in self.wanted:

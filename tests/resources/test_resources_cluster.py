@@ -3,7 +3,6 @@ changes, ``dask.annotate`` through dask's optimisation, and validation at every 
 
 from __future__ import annotations
 
-import asyncio
 import math
 import subprocess
 import sys
@@ -172,7 +171,9 @@ def test_worker_set_resources_from_a_task_reaches_the_scheduler(c, cluster):
     name = c.submit(grant_tpu_here, workers=[address_of(c, "0")], pure=False).result()
     assert name == "0"
     try:
-        assert c.submit(record, resources={"TPU": 1}, pure=False).result(timeout=10)["worker"] == "0"
+        assert (
+            c.submit(record, resources={"TPU": 1}, pure=False).result(timeout=10)["worker"] == "0"
+        )
         # The worker's own record is kept for a re-registration.
         assert cluster.workers["0"].resources["TPU"] == 1
     finally:
@@ -340,9 +341,7 @@ def test_scheduler_refuses_a_worker_registering_bad_resources(cluster, caplog):
         conn, _ = await connect(
             cluster.scheduler_address, role="worker", my_id="rogue", token=cluster.token
         )
-        conn.send(
-            RegisterWorker(address="tcp://127.0.0.1:9", nthreads=1, resources={"GPU": -1.0})
-        )
+        conn.send(RegisterWorker(address="tcp://127.0.0.1:9", nthreads=1, resources={"GPU": -1.0}))
         with pytest.raises(Exception):  # noqa: B017 - closed by the scheduler
             await conn.recv(timeout=10)
         return conn.close_reason
@@ -366,4 +365,3 @@ def test_scheduler_errs_a_task_with_bad_resources_on_the_wire(c):
     c._send(UpdateGraph(tasks=[spec], wanted=["rogue-task"], functions={fid: payload}))
     with pytest.raises(Exception, match="resources of task 'rogue-task': GPU must be a finite"):
         fut.result(timeout=10)
-    assert asyncio  # the loop helpers above use it

@@ -63,7 +63,10 @@ def test_invalid_demands_from_the_wire_err_the_task_and_its_dependents():
     errors = {m.key: m.error for m in out[C1] if isinstance(m, KeyErred)}
     assert set(errors) == {"bad", "nan", "dep"}
     assert errors["bad"].typename == "ValueError"
-    assert errors["bad"].message == "resources of task 'bad': GPU must be a finite non-negative number, got -1"
+    assert (
+        errors["bad"].message
+        == "resources of task 'bad': GPU must be a finite non-negative number, got -1"
+    )
     assert "got nan" in errors["nan"].message
     assert computed(out, W1) == ["ok"]
     assert set(s.tasks) == {"ok"}
@@ -158,7 +161,10 @@ def test_worker_runs_no_more_than_it_offers_and_names_indices():
     w = WState(nthreads=4, resources={"GPU": [0, 1]})
     out = w(ComputeEvent([ctask(f"t{i}", resources={"GPU": 1}) for i in range(3)]))
     ex = executes(out)
-    assert [(e.key, e.held) for e in ex] == [("t0", {"GPU": [(0, 1.0)]}), ("t1", {"GPU": [(1, 1.0)]})]
+    assert [(e.key, e.held) for e in ex] == [
+        ("t0", {"GPU": [(0, 1.0)]}),
+        ("t1", {"GPU": [(1, 1.0)]}),
+    ]
     assert w.states()["t2"] == "constrained"
     out = w(success("t1"))
     [e] = executes(out)

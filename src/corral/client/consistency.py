@@ -14,6 +14,7 @@ See ``docs/consistency.md`` for the user's guide and ``docs/protocol.md``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import warnings
 from collections.abc import Coroutine, Iterable
@@ -55,6 +56,7 @@ class ConsistencyMethods:
         async def _register_scheduler_plugin(
             self, name: str, payload: Any, idempotent: bool
         ) -> None: ...
+        async def _unregister_scheduler_plugin(self, name: str) -> None: ...
         async def _run(
             self, fn: Any, packed: Any, workers: list[str] | None, wait: bool, on_error: str
         ) -> dict[str, Any]: ...
@@ -154,6 +156,8 @@ class ConsistencyMethods:
                 pass
             raise
         uploads[plugin.name] = plugin
+        with contextlib.suppress(ValueError):  # the scheduler's copy of an older version
+            await self._unregister_scheduler_plugin(plugin.name)
         payload = serialize(SchedulerUploadFile(plugin))
         await self._register_scheduler_plugin(plugin.name, payload, False)
         return result

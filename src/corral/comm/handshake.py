@@ -160,8 +160,14 @@ async def connect_with_retry(
     """
     loop = asyncio.get_running_loop()
     while True:
+        if deadline is not None and "timeout" not in kwargs:
+            # One attempt never outlives the deadline (a silent server, say).
+            attempt = min(HANDSHAKE_TIMEOUT, max(0.1, deadline - loop.time()))
+            kw: dict[str, Any] = {**kwargs, "timeout": attempt}
+        else:
+            kw = kwargs
         try:
-            return await connect(address, **kwargs)
+            return await connect(address, **kw)
         except (OSError, TimeoutError) as exc:
             if deadline is not None and loop.time() + delay > deadline:
                 raise TimeoutError(f"could not connect to {address}: {exc}") from exc

@@ -302,8 +302,8 @@ class Scheduler:
                     events.append(msg)
             if events:
                 self._apply(address, events)
-            for status in statuses:  # answered once membership is in the state
-                self._environment_host.worker_status(address, status)
+            for env_status in statuses:  # answered once membership is in the state
+                self._environment_host.worker_status(address, env_status)
 
         conn.set_handler(on_messages)
         conn.on_close(self._on_worker_closed)
