@@ -290,8 +290,9 @@ export class Worker {
           events.push({ type: "set-resources", resources: msg.resources });
           break;
         case "close_worker":
+        case "restart_worker": // no supervisor restarts us: leaving is all we can do
           this.#handle(events);
-          this.close({ reason: msg.reason || "asked by the scheduler" });
+          this.close({ reason: msg.reason || `asked by the scheduler (${msg.op})` });
           return;
         case "setup_plugin":
         case "teardown_plugin":

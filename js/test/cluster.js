@@ -1,6 +1,7 @@
 // A real cluster for the client tests: a Python scheduler and workers (Python
 // and JavaScript), each a subprocess.  The Python interpreter is
-// $CORRAL_PYTHON (set by .ci/run to the project's venv), else python3.
+// $CORRAL_PYTHON (set by .ci/run to the project's venv), else the
+// repository's .venv/bin/python if there is one, else python3.
 
 import { spawn } from "node:child_process";
 import fs from "node:fs";
@@ -11,7 +12,8 @@ import { fileURLToPath } from "node:url";
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const WORKER_BIN = path.join(HERE, "..", "bin", "corral-worker.js");
 export const MATHLIB = path.join(HERE, "fixtures", "mathlib.js");
-export const PYTHON = process.env.CORRAL_PYTHON || "python3";
+const VENV_PYTHON = path.join(HERE, "..", "..", ".venv", "bin", "python");
+export const PYTHON = process.env.CORRAL_PYTHON || (fs.existsSync(VENV_PYTHON) ? VENV_PYTHON : "python3");
 
 async function waitFor(cond, timeoutMs, what, proc) {
   const deadline = Date.now() + timeoutMs;

@@ -47,6 +47,8 @@ class LoopThread:
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
+            if fut.done():
+                raise  # the coroutine itself raised TimeoutError: keep its message
             fut.cancel()
             raise TimeoutError(f"operation did not finish within {timeout}s") from None
 

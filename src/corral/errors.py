@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
 
 class CorralError(Exception):
     """Base class of Corral's own errors."""
@@ -28,7 +30,7 @@ class KilledWorker(CorralError):
         self.last_worker = last_worker
 
 
-class FutureCancelledError(CorralError):
+class FutureCancelledError(CorralError, concurrent.futures.CancelledError):
     """The result of a cancelled future was asked for."""
 
     def __init__(self, key: str, reason: str = "cancelled"):

@@ -301,11 +301,6 @@ def test_submit_to_worker_by_name(c):
     assert c.who_has([fut])[fut.key] == [by_name["1"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler/server.py Scheduler._scatter (and state._scatter) match workers= by "
-    "address only; submit(workers=...) also accepts names (placement._restricted)",
-)
 def test_scatter_to_worker_by_name(c):
     by_name = {w["name"]: addr for addr, w in c.scheduler_info()["workers"].items()}
     [fut] = c.scatter(["to-name"], workers=["1"], hash=False)
@@ -428,11 +423,6 @@ def test_cancel_future(c, event):
     ev.set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="errors.py: FutureCancelledError should subclass concurrent.futures.CancelledError "
-    "as distributed.FutureCancelledError does",
-)
 def test_cancelled_error_is_a_concurrent_futures_cancelled_error(c, event):
     import concurrent.futures
 

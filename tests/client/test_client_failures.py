@@ -247,12 +247,6 @@ def test_unpicklable_result_gives_clear_error(c):
     assert c.submit(inc, 1).result() == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="worker/server.py _get_data reports an unserializable result as missing: the "
-    "scheduler recomputes it and the dependent retries forever",
-)
 def test_unpicklable_intermediate_moved_between_workers_errs(c):
     workers = sorted(c.scheduler_info()["workers"])
     x = c.submit(make_lock, workers=[workers[0]], pure=False)

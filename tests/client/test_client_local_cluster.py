@@ -227,12 +227,6 @@ def test_client_to_dead_address_fails_and_leaves_no_thread():
     assert left == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_loop.py LoopThread.run rewrites every TimeoutError raised by the coroutine "
-    "(concurrent.futures.TimeoutError is TimeoutError) as 'operation did not finish "
-    "within Nones', hiding the address",
-)
 def test_client_to_dead_address_error_names_the_address():
     address = _closed_port_address()
     with pytest.raises(OSError, match=address.split("//")[1]):

@@ -176,6 +176,7 @@ def test_worker_set_resources_from_a_task_reaches_the_scheduler(c, cluster):
         )
         # The worker's own record is kept for a re-registration.
         assert cluster.workers["0"].resources["TPU"] == 1
+        assert cluster.workers["0"].resource_offer["TPU"] == 1
     finally:
         c.set_resources(address_of(c, "0"), {"TPU": 0})
 
@@ -365,3 +366,9 @@ def test_scheduler_errs_a_task_with_bad_resources_on_the_wire(c):
     c._send(UpdateGraph(tasks=[spec], wanted=["rogue-task"], functions={fid: payload}))
     with pytest.raises(Exception, match="resources of task 'rogue-task': GPU must be a finite"):
         fut.result(timeout=10)
+
+
+def test_worker_resources_are_amounts_and_the_offer_keeps_indices(cluster):
+    worker = cluster.workers["0"]
+    assert worker.resources["GPU"] == 2  # as in dask: conditions compare numbers
+    assert worker.resource_offer["GPU"] == [0, 1]

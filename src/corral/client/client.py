@@ -29,6 +29,7 @@ from ..protocol.messages import (
     Data,
     GetData,
     KeyCancelled,
+    KeyLost,
     KeyErred,
     KeyInMemory,
     Message,
@@ -384,6 +385,11 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
                 fs = futures.get(msg.key)
                 if fs is not None:
                     fs.cancel(msg.reason, lost=msg.lost)
+            elif kind is KeyLost:
+                assert isinstance(msg, KeyLost)
+                fs = futures.get(msg.key)
+                if fs is not None and not fs.has_value:
+                    fs.reset()  # being recomputed; a value already here stays valid
             elif kind is Reply:
                 assert isinstance(msg, Reply)
                 fut = self._requests.get(msg.id)

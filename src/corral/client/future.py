@@ -86,7 +86,8 @@ def _rebuild_off_stack(error: ErrorInfo, key: str) -> BaseException:
         try:
             out.append(rebuild_error(error, key))
         except Exception as exc:  # pragma: no cover - rebuild_error falls back itself
-            out.append(RemoteError(error.typename, f"{error.message} ({exc})", error.traceback_text))
+            message = f"{error.message} ({exc})"
+            out.append(RemoteError(error.typename, message, error.traceback_text))
 
     thread = threading.Thread(target=run, name="corral-rebuild-error", daemon=True)
     thread.start()

@@ -247,10 +247,8 @@ def task_annotations(source: Any, nodes: Mapping[Hashable, Any]) -> dict[str, di
     original dependencies without crossing one of its own inputs.  Aliases do
     no work and get none.
     """
-    try:
-        from dask._task_spec import Alias
-    except ImportError:  # pragma: no cover - another dask
-        Alias = ()  # noqa: N806
+    from dask._task_spec import Alias
+
     by_key, hlgs = raw_annotations(source)
     if not by_key:
         return {}

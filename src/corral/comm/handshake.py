@@ -113,11 +113,14 @@ async def connect(
         try:
             hello = await conn.recv(timeout=timeout)
         except CommClosedError as exc:
-            if isinstance(conn.lost_exception, ssl.SSLError):
+            if address.startswith("tls://"):
                 # TLS 1.3: the server checks our certificate after our side of the
-                # TLS handshake finished, and says no with an alert.
+                # TLS handshake finished; a refusal is the connection closing
+                # before the server says hello.  Retrying would not help.
+                detail = conn.lost_exception or "closed before the server said hello"
                 raise HandshakeError(
-                    f"{address} refused the TLS connection: {conn.lost_exception}"
+                    f"{address} refused the TLS connection ({detail}): does it accept this "
+                    "side's certificate (mutual TLS needs tls_cert/tls_key signed by its CA)?"
                 ) from exc
             raise
         if not isinstance(hello, Hello):

@@ -427,6 +427,7 @@ class MissingData(Message):
     op: ClassVar[str] = "missing_data"
     key: str
     holder: str
+    error: ErrorInfo | None = None  # the holder itself cannot serve it, and why
 
 
 @record
@@ -606,6 +607,14 @@ class KeyCancelled(Message):
     key: str
     reason: str = "cancelled"
     lost: bool = False
+
+
+@record
+class KeyLost(Message):
+    """Every copy of a finished key was lost; it is being computed again."""
+
+    op: ClassVar[str] = "key_lost"
+    key: str
 
 
 # ---------------------------------------------------------------------------

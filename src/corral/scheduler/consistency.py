@@ -200,7 +200,10 @@ class ConsistencyHost:
             self.slots[address] = msg.slot
             restart = self._restarts.get(msg.slot)
             if restart is not None and (restart.left or restart.old != address):
-                self._finish(restart, address, None)
+                # Back once the plugins handed to the new process are set up.
+                self.scheduler._plugin_host.when_set_up(
+                    address, functools.partial(self._finish, restart, address, None)
+                )
         elif isinstance(msg, WorkerRestarting):
             slot = self.slots.get(address)
             if slot is None:

@@ -39,16 +39,21 @@ def member_of(worker: WorkerInfo, environments: list[str] | None) -> bool:
     return all(name in have for name in environments)
 
 
-def _restricted(ts: TaskState, workers: dict[str, WorkerInfo]) -> list[WorkerInfo]:
-    assert ts.workers is not None
+def resolve_workers(idents: Iterable[str], workers: dict[str, WorkerInfo]) -> list[WorkerInfo]:
+    """The connected workers named by address, name or host (unknown ones left out)."""
     chosen = []
-    for ident in ts.workers:
+    for ident in idents:
         ws = workers.get(ident)
         if ws is None:  # a name or bare host instead of an address
             ws = next((w for w in workers.values() if ident in (w.name, w.host)), None)
         if ws is not None:
             chosen.append(ws)
     return chosen
+
+
+def _restricted(ts: TaskState, workers: dict[str, WorkerInfo]) -> list[WorkerInfo]:
+    assert ts.workers is not None
+    return resolve_workers(ts.workers, workers)
 
 
 def candidates(ts: TaskState, workers: dict[str, WorkerInfo]) -> list[WorkerInfo]:

@@ -125,6 +125,9 @@ class PluginHost:
         self._hooks: dict[str, set[str]] = {}  # plugin name -> hooks it implements
         self._by_hook: dict[str, list[tuple[str, Any]]] = {}  # hook -> [(name, plugin)]
         self._pending: dict[int, _Gathering] = {}
+        # Joining workers whose plugin setups are still running: address ->
+        # [setups left, callbacks to call once none is left] (see when_set_up).
+        self._joining: dict[str, list[Any]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -304,7 +307,10 @@ class PluginHost:
     # -- workers coming and going --------------------------------------------------
     def worker_joining(self, address: str, conn: Connection) -> None:
         """Hand every registered worker plugin to a joining worker (before anything else)."""
-        for entry in list(self.worker_plugins.values()):
+        entries = list(self.worker_plugins.values())
+        if entries:
+            self._joining[address] = [len(entries), []]
+        for entry in entries:
             sid = next(self._ids)
             self._pending[sid] = _Gathering(
                 {address}, functools.partial(self._joined_setup_done, entry.name)
@@ -315,7 +321,23 @@ class PluginHost:
                 )
             )
 
+    def when_set_up(self, address: str, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the plugins handed to joining ``address`` were set up."""
+        joining = self._joining.get(address)
+        if joining is None:
+            callback()
+        else:
+            joining[1].append(callback)
+
     def _joined_setup_done(self, name: str, outcomes: dict[str, Outcome]) -> None:
+        for address in outcomes:
+            joining = self._joining.get(address)
+            if joining is not None:
+                joining[0] -= 1
+                if joining[0] <= 0:
+                    del self._joining[address]
+                    for callback in joining[1]:
+                        callback()
         for address, outcome in outcomes.items():
             if outcome.error is None:
                 continue

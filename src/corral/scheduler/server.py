@@ -44,6 +44,7 @@ from ..resources import validate_resources, validate_worker_resources
 from ..versions import get_versions
 from .environment_host import ENVIRONMENT_CLIENT_OPS, EnvironmentHost
 from .consistency import CONSISTENCY_CLIENT_OPS, CONSISTENCY_WORKER_OPS, ConsistencyHost
+from .placement import resolve_workers
 from .plugin_host import PLUGIN_CLIENT_OPS, PluginHost
 from .state import (
     WORKER_STATUSES,
@@ -415,7 +416,8 @@ class Scheduler:
 
     def _scatter(self, client_id: str, conn: Connection, msg: Scatter) -> None:
         if msg.workers:
-            unknown = [w for w in msg.workers if w not in self.state.workers]
+            known = self.state.workers
+            unknown = [w for w in msg.workers if not resolve_workers([w], known)]
             if unknown:
                 conn.send(Reply(id=msg.id, error=f"unknown workers: {unknown}"))
                 return

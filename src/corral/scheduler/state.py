@@ -36,6 +36,7 @@ from ..protocol.messages import (
     KeyCancelled,
     KeyErred,
     KeyInMemory,
+    KeyLost,
     Message,
     MissingData,
     RegisterWorker,
@@ -472,7 +473,7 @@ class SchedulerState:
 
     def _scatter(self, client: str, msg: Scatter) -> None:
         if msg.workers:
-            pool = [ws for ws in self.workers.values() if ws.address in msg.workers]
+            pool = placement.resolve_workers(msg.workers, self.workers)
         else:
             pool = list(self.workers.values())
             running = [ws for ws in pool if ws.status == "running"]
@@ -669,6 +670,8 @@ class SchedulerState:
                 notify=False,
             )
             return
+        for c in ts.who_wants:
+            self._send(c, KeyLost(key=ts.key))
         self._make_waiting(ts)
 
     def _add_keys(self, source: str, msg: AddKeys) -> None:
@@ -692,14 +695,41 @@ class SchedulerState:
         if ts is None:
             self._send(source, UpdateWhoHas(who_has={msg.key: []}))
             return
+        if msg.error is not None and holder is not None and holder.address == source:
+            if ts.state == "memory":
+                self._release_data(ts)
+                self._move(ts, "released")
+                self._fail(ts, msg.error)
+            return
         if holder is not None and holder in ts.who_has:
             ts.who_has.discard(holder)
             holder.has_what.discard(ts)
             holder.nbytes -= ts.nbytes
             if not ts.who_has and ts.state == "memory":
+                # A live worker failing to serve a result it computed again and
+                # again (an unserializable value, say) must not loop forever.
+                ts.suspicious += 1
+                if ts.suspicious >= self.allowed_failures:
+                    self._give_up_serving(ts, holder)
+                    return
                 self._lost(ts)
         if ts.state == "memory":
             self._send(source, UpdateWhoHas(who_has={ts.key: [w.address for w in ts.who_has]}))
+
+    def _give_up_serving(self, ts: TaskState, holder: WorkerInfo) -> None:
+        self._release_data(ts)
+        self._move(ts, "released")
+        self._fail(
+            ts,
+            ErrorInfo(
+                typename="LostDataError",
+                message=(
+                    f"the result of {ts.key!r} could not be sent from the worker holding it "
+                    f"({holder.address}) {ts.suspicious} times; is it serializable? "
+                    "See that worker's log"
+                ),
+            ),
+        )
 
     # -- task results --------------------------------------------------------------
     def _current(self, source: str, key: str, run_id: int) -> TaskState | None:

@@ -45,7 +45,7 @@ from ..nanny import EXIT_REFUSED, EXIT_RESTART
 from ..resources import resource_amounts, task_resources, validate_worker_resources
 from ..versions import get_versions
 from .environment_host import ENVIRONMENT_WORKER_OPS, WorkerEnvironmentHost
-from .execution import FunctionCache, ThreadPool, run_task
+from .execution import FunctionCache, ThreadPool, error_info, run_task
 from .memory import MEMORY_EXIT_CODE, MONITOR_INTERVAL, TERMINATE_GRACE, MemoryPolicy, decide
 from .plugin_host import PLUGIN_WORKER_OPS, WorkerPluginHost
 from .state import (
@@ -105,8 +105,10 @@ class Worker:
         self.nthreads = nthreads or os.cpu_count() or 1
         self.name = name
         self.memory_limit = memory_limit
-        # Amounts, or lists of indices ("GPU": [0, 1]); see corral.resources.
-        self.resources = validate_worker_resources(resources, "Worker resources")
+        # What this worker offers: amounts, or lists of indices ("GPU": [0, 1]),
+        # see corral.resources; ``resources`` are the amounts (as in dask).
+        self.resource_offer = validate_worker_resources(resources, "Worker resources")
+        self.resources: dict[str, float] = resource_amounts(self.resource_offer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.host = host
         self.port = port
@@ -131,7 +133,7 @@ class Worker:
         self.id = f"worker-{uuid.uuid4().hex[:12]}"
         self.address = ""
         self.data: dict[str, Any] = {}
-        self.state = WorkerState(self.nthreads, self.resources)
+        self.state = WorkerState(self.nthreads, self.resource_offer)
         self.functions = FunctionCache()
         self.status = "created"
         self._scheduler: Connection | None = None
@@ -224,7 +226,7 @@ class Worker:
                 nthreads=self.nthreads,
                 name=self.name,
                 memory_limit=self.memory_limit,
-                resources=resource_amounts(self.resources),
+                resources=dict(self.resources),
                 pid=os.getpid(),
                 versions=get_versions(),
             )
@@ -240,7 +242,7 @@ class Worker:
         logger.warning("lost the scheduler (%s)", conn.close_reason)
         # A restarted scheduler knows nothing of our tasks or data: start afresh.
         self.data.clear()
-        self.state = WorkerState(self.nthreads, self.resources)
+        self.state = WorkerState(self.nthreads, self.resource_offer)
         self.state.paused = self.memory_paused
         self.functions.trim()
         if self.reconnect:
@@ -376,7 +378,7 @@ class Worker:
                 events.append(msg)
             elif kind is SetResources:
                 assert isinstance(msg, SetResources)
-                self.resources.update(msg.resources)  # kept for a re-registration
+                self._record_offer(msg.resources)  # kept for a re-registration
                 events.append(msg)
             elif kind is CloseWorker:
                 self._spawn(self.close(reason="asked by the scheduler"))
@@ -434,11 +436,16 @@ class Worker:
                 applied.set()
 
         loop.call_soon_threadsafe(apply)
-        applied.wait()
+        if not applied.wait(timeout=60):
+            raise TimeoutError("the worker's event loop did not apply set_resources within 60s")
         return None
 
+    def _record_offer(self, offer: dict[str, Any]) -> None:
+        self.resource_offer.update(offer)
+        self.resources.update(resource_amounts(offer))
+
     def _apply_resources(self, offer: dict[str, Any]) -> None:
-        self.resources.update(offer)
+        self._record_offer(offer)
         conn = self._scheduler
         if conn is not None and not conn.closed and self.status == "running":
             conn.send(SetResources(resources=offer))
@@ -571,12 +578,23 @@ class Worker:
             if key in self.data:
                 try:
                     data[key] = _serialize_for_peer(self.data[key], serializers)
-                except Exception:
+                except Exception as exc:
                     logger.exception("cannot serialize %r for a peer", key)
                     missing.append(key)
+                    self._report_unservable(key, exc)
             else:
                 missing.append(key)
         return Data(data=data, missing=missing)
+
+    def _report_unservable(self, key: str, exc: Exception) -> None:
+        """Tell the scheduler a value held here cannot be serialized (recomputing won't help)."""
+        conn = self._scheduler
+        if conn is None or conn.closed:
+            return
+        error = error_info(
+            TypeError(f"the result of {key!r} cannot be serialized to send it elsewhere: {exc}")
+        )
+        conn.send(MissingData(key=key, holder=self.address, error=error))
 
     # -- heartbeats ----------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:

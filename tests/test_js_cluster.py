@@ -1,0 +1,192 @@
+"""A mixed cluster end to end: a Python scheduler, one Python worker and two
+JavaScript workers (``node js/bin/corral-worker.js``, one offering ``GPU=1``).
+
+Python tasks run only on the Python worker and JavaScript tasks only on the
+JavaScript workers; each consumes the other's plain-data results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from corral import Client, LocalCluster
+from corral.errors import RemoteError
+
+ROOT = Path(__file__).resolve().parents[1]
+JS_WORKER = ROOT / "js" / "bin" / "corral-worker.js"
+MATHLIB = ROOT / "js" / "test" / "fixtures" / "mathlib.js"
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed"),
+    pytest.mark.timeout(120),
+]
+
+
+def start_js_worker(address: str, token: str | None, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.pop("CORRAL_AUTH_TOKEN", None)
+    if token:
+        env["CORRAL_AUTH_TOKEN"] = token
+    return subprocess.Popen(
+        ["node", str(JS_WORKER), address, "--module", str(MATHLIB), *extra],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def workers_by_runtime(client: Client) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for w in client.scheduler_info()["workers"].values():
+        out.setdefault(w["runtime"], []).append(w)
+    return out
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    if not (ROOT / "js" / "node_modules" / "@msgpack" / "msgpack").exists():
+        pytest.fail("the JavaScript worker's dependencies are not installed: run (cd js && npm ci)")
+    logs = tmp_path_factory.mktemp("js-workers")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False) as cluster:
+        procs = [
+            start_js_worker(cluster.scheduler_address, cluster.token, logs / "a.log", "--name", "js-a", "--nthreads", "2"),
+            start_js_worker(
+                cluster.scheduler_address,
+                cluster.token,
+                logs / "gpu.log",
+                "--name",
+                "js-gpu",
+                "--nthreads",
+                "2",
+                "--resources",
+                "GPU=1",
+            ),
+        ]
+        try:
+            with Client(cluster) as client:
+                client.wait_for_workers(3, timeout=60)
+                yield client, cluster, logs
+        finally:
+            for p in procs:
+                stop(p)
+
+
+def holders(client: Client, futures) -> dict[str, set[str]]:
+    """key -> the runtimes of the workers holding it (copies fetched by dependents too)."""
+    info = client.scheduler_info()["workers"]
+    return {k: {info[a]["runtime"] for a in v} for k, v in client.who_has(futures).items()}
+
+
+def test_a_mixed_graph_passes_values_both_ways(mixed):
+    client, _, _ = mixed
+    a = client.submit(lambda n: list(range(n)), 4)  # Python: [0, 1, 2, 3]
+    b = client.submit("mathlib:sum", a, runtime="js")  # JavaScript consumes a Python result: 6
+    c = client.submit("mathlib:scale", a, factor=10, runtime="js")  # keyword arguments
+    d = client.submit(lambda total, scaled: total * 100 + sum(scaled), b, c)  # Python consumes JS results
+    assert d.result() == 6 * 100 + 60
+    assert c.result() == [0, 10, 20, 30]
+    # Each ran on its own runtime's workers (the other side holds fetched copies).
+    held = holders(client, [a, b, c, d])
+    assert "python" in held[a.key] and "js" in held[b.key] and "js" in held[c.key]
+    assert held[d.key] == {"python"}
+
+
+def test_large_values_travel_directly_between_python_and_javascript_workers(mixed):
+    client, _, _ = mixed
+    # > 64 KiB: not inlined anywhere; each side fetches from the other's peer port.
+    big = client.submit(lambda n: list(range(n)), 50_000)
+    total = client.submit("mathlib:sum", big, runtime="js")
+    assert total.result() == sum(range(50_000))
+    blob = client.submit("mathlib:bytes", 300_000, runtime="js")
+    size = client.submit(len, blob)
+    assert size.result() == 300_000
+    assert client.gather(blob) == b"\x07" * 300_000  # the client fetches from the JS worker
+
+
+def test_map_with_a_runtime_and_routing_never_mixes(mixed):
+    client, _, _ = mixed
+    js = client.map("mathlib:add", range(20), [100] * 20, runtime="js")
+    py = client.map(lambda x: x + 1, range(20))
+    assert client.gather(js) == [i + 100 for i in range(20)]
+    assert client.gather(py) == [i + 1 for i in range(20)]
+    assert all(r == {"js"} for r in holders(client, js).values())
+    assert all(r == {"python"} for r in holders(client, py).values())
+    with pytest.raises(TypeError, match="runtime="):
+        client.submit("mathlib:add", 1, 2)
+
+
+def test_javascript_errors_reach_python_with_their_stack(mixed):
+    client, _, _ = mixed
+    f = client.submit("mathlib:fail", "nope", runtime="js")
+    with pytest.raises(RemoteError) as info:
+        f.result()
+    assert info.value.typename == "RangeError"
+    assert info.value.remote_message == "nope"
+    assert "mathlib.js" in info.value.traceback_text
+    # A Python task depending on it fails with the same error.
+    g = client.submit(lambda x: x, f)
+    with pytest.raises(RemoteError, match="nope"):
+        g.result()
+
+
+def test_a_python_value_javascript_cannot_read_is_a_task_error(mixed):
+    client, _, _ = mixed
+    s = client.submit(lambda: {1, 2, 3})  # a set: not msgpack-able
+    f = client.submit("mathlib:echo", s, runtime="js")
+    with pytest.raises(RemoteError) as info:
+        f.result()
+    assert info.value.typename == "SerializationError"
+    assert "pickle" in info.value.remote_message
+    assert s.result() == {1, 2, 3}  # still fine for Python
+
+
+def test_resources_on_javascript_workers(mixed):
+    client, _, _ = mixed
+    tasks = [
+        client.submit("mathlib:sleep", 200, i, resources={"GPU": 1}, runtime="js", pure=False)
+        for i in range(3)
+    ]
+    spans = sorted(client.gather(tasks), key=lambda s: s["start"])
+    for prev, nxt in zip(spans, spans[1:], strict=False):
+        assert nxt["start"] >= prev["stop"], spans  # one GPU: one at a time
+    info = client.scheduler_info()["workers"]
+    assert {info[w[0]]["name"] for w in client.who_has(tasks).values()} == {"js-gpu"}
+    # A Python task demanding a GPU waits: only a JavaScript worker has one.
+    f = client.submit(lambda: 1, resources={"GPU": 1}, pure=False)
+    wait_for(lambda: "GPU" in (client.why_pending([f]).get(f.key) or ""), what="why_pending")
+    client.cancel([f])
+
+
+def test_a_javascript_worker_leaving_on_sigterm_unregisters(mixed):
+    client, cluster, logs = mixed
+    proc = start_js_worker(cluster.scheduler_address, cluster.token, logs / "extra.log", "--name", "js-extra")
+    try:
+        wait_for(lambda: any(w["name"] == "js-extra" for w in workers_by_runtime(client).get("js", [])))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        wait_for(lambda: all(w["name"] != "js-extra" for w in workers_by_runtime(client).get("js", [])))
+    finally:
+        stop(proc)
