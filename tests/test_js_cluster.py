@@ -190,3 +190,17 @@ def test_a_javascript_worker_leaving_on_sigterm_unregisters(mixed):
         wait_for(lambda: all(w["name"] != "js-extra" for w in workers_by_runtime(client).get("js", [])))
     finally:
         stop(proc)
+
+
+def test_python_only_features_meet_javascript_workers(mixed):
+    client, _, _ = mixed
+    js_addr = next(w["address"] for w in workers_by_runtime(client)["js"] if w["name"] == "js-a")
+    # Scattered Python data kept by a JavaScript worker is served back unchanged.
+    [s] = client.scatter([{"a": {1, 2}}], workers=[js_addr])
+    assert client.who_has([s])[s.key] == [js_addr]
+    assert client.submit(lambda d: sorted(d["a"]), s).result() == [1, 2]
+    # Python code sent to run on a JavaScript worker is an error, not a hang.
+    with pytest.raises(RemoteError, match="JavaScript worker cannot run Python code"):
+        client.run(lambda: 1, workers=[js_addr])
+    # The worker is still fine.
+    assert client.submit("mathlib:add", 2, 3, runtime="js", workers=[js_addr]).result() == 5

@@ -3,6 +3,6 @@
 The plugin classes live in :mod:`corral.plugins` (also exported from ``corral``).
 """
 
-from ..plugins import SchedulerPlugin, WorkerPlugin
+from ..plugins import PipInstall, SchedulerPlugin, UploadFile, WorkerPlugin
 
-__all__ = ["SchedulerPlugin", "WorkerPlugin"]
+__all__ = ["PipInstall", "SchedulerPlugin", "UploadFile", "WorkerPlugin"]
