@@ -8,6 +8,7 @@ JavaScript workers; each consumes the other's plain-data results.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -30,7 +31,9 @@ pytestmark = [
 ]
 
 
-def start_js_worker(address: str, token: str | None, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+def start_js_worker(
+    address: str, token: str | None, log: Path, *extra: str
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.pop("CORRAL_AUTH_TOKEN", None)
     if token:
@@ -72,7 +75,15 @@ def mixed(tmp_path_factory):
     logs = tmp_path_factory.mktemp("js-workers")
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False) as cluster:
         procs = [
-            start_js_worker(cluster.scheduler_address, cluster.token, logs / "a.log", "--name", "js-a", "--nthreads", "2"),
+            start_js_worker(
+                cluster.scheduler_address,
+                cluster.token,
+                logs / "a.log",
+                "--name",
+                "js-a",
+                "--nthreads",
+                "2",
+            ),
             start_js_worker(
                 cluster.scheduler_address,
                 cluster.token,
@@ -105,7 +116,9 @@ def test_a_mixed_graph_passes_values_both_ways(mixed):
     a = client.submit(lambda n: list(range(n)), 4)  # Python: [0, 1, 2, 3]
     b = client.submit("mathlib:sum", a, runtime="js")  # JavaScript consumes a Python result: 6
     c = client.submit("mathlib:scale", a, factor=10, runtime="js")  # keyword arguments
-    d = client.submit(lambda total, scaled: total * 100 + sum(scaled), b, c)  # Python consumes JS results
+    d = client.submit(
+        lambda total, scaled: total * 100 + sum(scaled), b, c
+    )  # Python consumes JS results
     assert d.result() == 6 * 100 + 60
     assert c.result() == [0, 10, 20, 30]
     # Each ran on its own runtime's workers (the other side holds fetched copies).
@@ -170,7 +183,7 @@ def test_resources_on_javascript_workers(mixed):
         for i in range(3)
     ]
     spans = sorted(client.gather(tasks), key=lambda s: s["start"])
-    for prev, nxt in zip(spans, spans[1:], strict=False):
+    for prev, nxt in itertools.pairwise(spans):
         assert nxt["start"] >= prev["stop"], spans  # one GPU: one at a time
     info = client.scheduler_info()["workers"]
     assert {info[w[0]]["name"] for w in client.who_has(tasks).values()} == {"js-gpu"}
@@ -182,12 +195,18 @@ def test_resources_on_javascript_workers(mixed):
 
 def test_a_javascript_worker_leaving_on_sigterm_unregisters(mixed):
     client, cluster, logs = mixed
-    proc = start_js_worker(cluster.scheduler_address, cluster.token, logs / "extra.log", "--name", "js-extra")
+    proc = start_js_worker(
+        cluster.scheduler_address, cluster.token, logs / "extra.log", "--name", "js-extra"
+    )
     try:
-        wait_for(lambda: any(w["name"] == "js-extra" for w in workers_by_runtime(client).get("js", [])))
+        wait_for(
+            lambda: any(w["name"] == "js-extra" for w in workers_by_runtime(client).get("js", []))
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        wait_for(lambda: all(w["name"] != "js-extra" for w in workers_by_runtime(client).get("js", [])))
+        wait_for(
+            lambda: all(w["name"] != "js-extra" for w in workers_by_runtime(client).get("js", []))
+        )
     finally:
         stop(proc)
 

@@ -1004,8 +1004,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 if isinstance(last, KeyCancelled):
                     continue  # cancelled (by either client) or lost beyond recovery
                 ts = self.s.tasks.get(key)
-                if ts is None:
-                    # Built on a key the scheduler no longer knew: never runnable.
+                if ts is None or client not in ts.who_wants:
+                    # Built on a key the scheduler no longer knew: it erred at once
+                    # and the scheduler kept no record (perhaps submitted anew since).
                     assert isinstance(last, KeyErred), (client, key, last)
                     assert last.error.typename == "CancelledError"
                     continue

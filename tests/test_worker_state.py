@@ -608,6 +608,8 @@ class WorkerMachine(RuleBasedStateMachine):
     def scheduler_answers_missing_data(self, data, how):
         key = data.draw(st.sampled_from(sorted(self.missing)))
         self.missing.discard(key)
+        if how == "where" and not any(key in held for held in self.peers.values()):
+            how = "lost"  # the scheduler answers with locations only while there are some
         if how == "lost":
             # No copy left: the scheduler takes back the tasks that needed it.
             waiting = sorted(k for k, s in self.assigned.items() if key in s.who_has)

@@ -103,7 +103,8 @@ def test_worker_killed_while_running_task_is_rescheduled(c, tmp_path):
     assert fut.result(timeout=30) == second[0]
     assert fut.status == "finished"
     assert first not in worker_pids(c)
-    assert len(c.scheduler_info()["workers"]) == N_WORKERS - 1
+    # LocalCluster supervises its workers: the killed one may be back already (corral.nanny)
+    assert len(c.scheduler_info()["workers"]) in (N_WORKERS - 1, N_WORKERS)
     transitions = [(start, finish) for _, start, finish, _ in c.story(fut)]
     assert transitions.count(("waiting", "processing")) == 2
     assert ("processing", "waiting") in transitions
@@ -159,8 +160,9 @@ def test_task_killing_its_worker_fails_with_killed_worker(c, pcluster):
     assert info.value.task == fut.key
     assert fut.key in str(info.value)
     assert "3 workers" in str(info.value)
-    # exactly allowed_failures (3) workers died; the fourth kept serving
-    assert len(c.scheduler_info()["workers"]) == N_WORKERS - 3
+    # allowed_failures (3) workers died; the fourth kept serving (the dead ones are
+    # restarted by the cluster's supervision, and may be back already)
+    assert N_WORKERS - 3 <= len(c.scheduler_info()["workers"]) <= N_WORKERS
     assert c.submit(inc, 1).result() == 2
     # a dependent of the killed task fails the same way
     child = c.submit(inc, fut)

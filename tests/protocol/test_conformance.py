@@ -107,7 +107,15 @@ _py_sleep.__module__ = "__main__"
 PYTHON = Flavor(
     name="python",
     runtime="python",
-    command=lambda addr, extra: [sys.executable, "-m", "corral", "worker", addr, "--no-nanny", *extra],
+    command=lambda addr, extra: [
+        sys.executable,
+        "-m",
+        "corral",
+        "worker",
+        addr,
+        "--no-nanny",
+        *extra,
+    ],
     functions={"add": operator.add, "fail": _py_fail, "sleep": _py_sleep},
     encode_fn=serialize_function,
     ref=Ref,
@@ -160,7 +168,9 @@ class WorkerLink:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {[k.op for k in kinds]} within {timeout}s; saw {self.seen}")
+                raise AssertionError(
+                    f"no {[k.op for k in kinds]} within {timeout}s; saw {self.seen}"
+                )
             msg = await self.conn.recv(timeout=left)
             self.seen.append(msg)
             if isinstance(msg, Heartbeat):
@@ -341,7 +351,9 @@ def run(coro: Any) -> Any:
 
 # -- the scenarios -------------------------------------------------------------------------
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_register_compute_fetch_serve_error_free_store_close(flavor: Flavor, tmp_path: Path) -> None:
+def test_register_compute_fetch_serve_error_free_store_close(
+    flavor: Flavor, tmp_path: Path
+) -> None:
     async def scenario() -> None:
         peer = await Peer({"x": mp(3), "y": mp(4)}).start()
         async with Harness(flavor, tmp_path) as h:
@@ -381,7 +393,10 @@ def test_register_compute_fetch_serve_error_free_store_close(flavor: Flavor, tmp
 
             # get_data from the worker: values in msgpack when asked for it; unknown keys missing.
             got = await ask(reg.address, ["z", "x", "nope"], serializers=["msgpack"])
-            assert {k: p.serializer for k, p in got.data.items()} == {"z": "msgpack", "x": "msgpack"}
+            assert {k: p.serializer for k, p in got.data.items()} == {
+                "z": "msgpack",
+                "x": "msgpack",
+            }
             assert deserialize(got.data["z"]) == 7 and deserialize(got.data["x"]) == 3
             assert got.missing == ["nope"]
 
@@ -421,18 +436,25 @@ def test_register_compute_fetch_serve_error_free_store_close(flavor: Flavor, tmp
 
             # An input already held (stored) is not fetched again.
             requests_before = len(peer.requests)
-            h.compute(link, h.task("s2", "add", [flavor.ref("s2in"), 1], who_has={"s2in": [peer.address]}))
+            h.compute(
+                link, h.task("s2", "add", [flavor.ref("s2in"), 1], who_has={"s2in": [peer.address]})
+            )
             link.conn.send(Store(data={"s2in": mp(41)}))
             # (The store may arrive while the fetch is under way: then it is reported.)
             done = await link.expect(TaskFinished, AddKeys)
             if isinstance(done, AddKeys):
                 done = await link.expect(TaskFinished)
-            assert (done.key, deserialize((await ask(reg.address, ["s2"], ["msgpack"])).data["s2"])) == ("s2", 42)
+            assert (
+                done.key,
+                deserialize((await ask(reg.address, ["s2"], ["msgpack"])).data["s2"]),
+            ) == ("s2", 42)
             link.conn.send(Store(data={"s3in": mp(1)}))
             while "s3in" not in (await ask(reg.address, ["s3in"])).data:
                 await asyncio.sleep(0.05)
             requests_before = len(peer.requests)
-            h.compute(link, h.task("s3", "add", [flavor.ref("s3in"), 1], who_has={"s3in": [peer.address]}))
+            h.compute(
+                link, h.task("s3", "add", [flavor.ref("s3in"), 1], who_has={"s3in": [peer.address]})
+            )
             done = await link.expect(TaskFinished)
             assert done.key == "s3"
             assert len(peer.requests) == requests_before

@@ -121,7 +121,7 @@ def test_requests_to_a_scheduler_that_never_answers_time_out() -> None:
     server = loop.run(start())
     address = f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
-        client = Client(address, timeout=0.3, set_as_default=False)
+        client = Client(address, timeout=0.3, set_as_default=False, version_check="off")
         try:
             start_t = time.monotonic()
             with pytest.raises(TimeoutError):

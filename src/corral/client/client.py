@@ -297,12 +297,13 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
     def _acquire(self, key: str) -> FutureState:
         with self._lock:
             fs = self._futures.get(key)
+            new = fs is None
             if fs is None:
                 fs = self._futures[key] = FutureState(key, self._lock)
-                if self.status == "lost":  # submitted after the scheduler went away
-                    fs.comm_lost(self._lost_reason or "lost the connection to the scheduler")
             fs.refs += 1
-            return fs
+        if new and self.status == "lost":  # submitted after the scheduler went away
+            fs.comm_lost(self._lost_reason or "lost the connection to the scheduler")
+        return fs
 
     def _acquire_state(self, fs: FutureState) -> None:
         with self._lock:

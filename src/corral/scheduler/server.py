@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from .. import config, logs
 from ..comm import Connection, format_address, start_server
 from ..comm.handshake import accept
 from ..comm.security import Security, server_ssl, warn_if_exposed, write_scheduler_file
@@ -45,6 +46,7 @@ from ..versions import get_versions
 from .environment_host import ENVIRONMENT_CLIENT_OPS, EnvironmentHost
 from .consistency import CONSISTENCY_CLIENT_OPS, CONSISTENCY_WORKER_OPS, ConsistencyHost
 from .placement import resolve_workers
+from .observer import Observer
 from .plugin_host import PLUGIN_CLIENT_OPS, PluginHost
 from .state import (
     WORKER_STATUSES,
@@ -101,6 +103,7 @@ class Scheduler:
         max_frame_bytes: int | None = None,
         token_in_scheduler_file: bool = False,
         version_check: str = "warn",
+        dashboard_address: str | bool | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -139,6 +142,16 @@ class Scheduler:
         # worker restarts: corral.scheduler.consistency.
         self._consistency = ConsistencyHost(self, version_check)
         self._accepting = asyncio.Event()  # set once preloads are set up
+        # Dashboard and /metrics (corral.dashboard), fed by the observer (task stream,
+        # message counts, loop lag, shared samples: corral.scheduler.observer).
+        # dashboard_address: "[HOST]:PORT"; None: the configuration's; False or "": none.
+        self._dashboard_address = dashboard_address
+        self.observer = Observer(self)
+        self.dashboard: Any = None
+        self.services: dict[str, int] = {}  # name -> port (scheduler_info()["services"])
+        self._lag_monitor: asyncio.Task[None] | None = None
+        logs.install()  # a bounded in-memory log: client.get_scheduler_logs()
+        self.requests["get_logs"] = logs.get_logs
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> Scheduler:
@@ -155,6 +168,7 @@ class Scheduler:
         self.address = format_address(self.host, sock[1], "tls" if tls else "tcp")
         warn_if_exposed("scheduler", self.host, token=self.token, security=self.security)
         try:
+            await self._start_dashboard()
             await self._plugin_host.start()  # preload setups, then plugins' start
         except BaseException:
             await self.close()
@@ -165,6 +179,8 @@ class Scheduler:
             info: dict[str, Any] = {"address": self.address, "id": self.id, "pid": os.getpid()}
             if self.token and self.token_in_scheduler_file:
                 info["token"] = self.token
+            if self.services:
+                info["services"] = dict(self.services)
             write_scheduler_file(self.scheduler_file, info)  # owner-only (0600)
         logger.info("scheduler at %s", self.address)
         return self
@@ -184,11 +200,50 @@ class Scheduler:
             self._server.close()
         self._accepting.set()
         await self._plugin_host.close()  # plugins' before_close/close, preload teardowns
+        await self._stop_dashboard()
         self._closed.set()
 
     async def finished(self) -> None:
         """Wait until the scheduler has closed."""
         await self._closed.wait()
+
+    async def _start_dashboard(self) -> None:
+        address = self._dashboard_address
+        if address is None:
+            address = config.get("dashboard.address") if config.get("dashboard.enabled") else False
+        if address is False or address == "":
+            return
+        from ..dashboard.server import DashboardServer
+
+        host, port = config.parse_address(str(address), self.host)
+        self.dashboard = DashboardServer(self, self.observer, host, port)
+        self.services["dashboard"] = self.dashboard.bind()
+        await self.dashboard.start()
+        self._lag_monitor = asyncio.ensure_future(self.observer.monitor_lag())
+        if host not in ("127.0.0.1", "localhost", "::1") and (self.token or self.security):
+            logger.warning(
+                "the dashboard on %s:%d is read-only and not authenticated: it shows task "
+                "keys, worker addresses and events to anyone who can reach it",
+                host,
+                self.services["dashboard"],
+            )
+
+    async def _stop_dashboard(self) -> None:
+        if self._lag_monitor is not None:
+            self._lag_monitor.cancel()
+        if self.dashboard is not None:
+            await self.dashboard.close()
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """``http://HOST:PORT/status`` when a dashboard is served, else ``None``."""
+        port = self.services.get("dashboard")
+        if port is None or self.dashboard is None:
+            return None
+        host = self.dashboard.host
+        if host in ("", "0.0.0.0", "::"):
+            host = self.address.split("://")[-1].rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+        return f"{format_address(host, port, 'http')}/status"
 
     # -- plugins and events (corral.scheduler.plugin_host) ---------------------------
     @property
@@ -229,6 +284,7 @@ class Scheduler:
                 token=self.token,
                 allowed_roles=("client", "worker"),
                 check=self._consistency.check_handshake,
+                info={"services": dict(self.services)} if self.services else None,
             )
         except Exception:
             return
@@ -265,6 +321,9 @@ class Scheduler:
         self._environment_host.worker_joining(address, conn)  # then environment checks
         self._apply(address, [reg])
         logger.info("worker %s joined (%s, %d threads)", address, reg.name, reg.nthreads)
+        self.log_event("workers", {"action": "add-worker", "worker": address, "name": reg.name})
+        counts = self.observer.worker_ops  # per-op message counts (corral.scheduler.observer)
+        task_done = self.observer.task_done  # the dashboard's task stream
 
         def on_messages(batch: list[Message]) -> None:
             for msg in batch:
@@ -272,6 +331,9 @@ class Scheduler:
                 if kind not in WORKER_OPS:
                     conn.abort(f"op {kind.op!r} is not allowed from a worker")
                     return
+                counts[kind] = counts.get(kind, 0) + 1
+                if kind is TaskFinished or kind is TaskErred:
+                    task_done(address, msg)
             events: list[Any] = []  # messages, and internal events (WorkerStatus)
             statuses: list[EnvironmentStatus] = []
             for msg in batch:
@@ -315,6 +377,9 @@ class Scheduler:
             del self._streams[address]
         expected = bool(conn.info.get("expected"))
         logger.info("worker %s left (%s)", address, conn.close_reason)
+        self.log_event(
+            "workers", {"action": "remove-worker", "worker": address, "reason": conn.close_reason}
+        )
         self._plugin_host.worker_left(address)
         self._environment_host.worker_left(address)
         self._consistency.worker_left(address)
@@ -327,6 +392,7 @@ class Scheduler:
             return
         self._streams[client_id] = conn
         self._apply(client_id, [ClientJoined(client_id)])
+        counts = self.observer.client_ops  # per-op message counts (corral.scheduler.observer)
 
         def on_messages(batch: list[Message]) -> None:
             events: list[Message] = []
@@ -335,6 +401,7 @@ class Scheduler:
                 if kind not in CLIENT_OPS:
                     conn.abort(f"op {kind.op!r} is not allowed from a client")
                     return
+                counts[kind] = counts.get(kind, 0) + 1
                 if kind is Request:
                     assert isinstance(msg, Request)
                     if events:
@@ -450,6 +517,7 @@ class Scheduler:
                 addr: self.state.worker_info(ws) for addr, ws in self.state.workers.items()
             },
             "tasks": self.state.task_counts(),
+            "services": dict(self.services),
         }
 
     def versions(self) -> dict[str, Any]:
