@@ -11,6 +11,7 @@ from ._version import __version__
 from .client import Client, Future, as_completed, default_client, wait
 from .comm.security import Security
 from .deploy import LocalCluster
+from .diagnostics.progress import progress
 from .environments import WorkerEnvironment, environment_worker, get_environment_state
 from .errors import CommClosedError, FutureCancelledError, KilledWorker, LostDataError
 from .plugins import PipInstall, PipInstallError, SchedulerPlugin, UploadFile, WorkerPlugin
@@ -64,6 +65,7 @@ __all__ = [
     "get_environment_state",
     "get_task_resources",
     "get_worker",
+    "progress",
     "task_env",
     "wait",
 ]

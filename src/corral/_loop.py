@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -12,13 +13,18 @@ T = TypeVar("T")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A new event loop: uvloop's when installed (faster), asyncio's otherwise."""
-    try:
-        import uvloop
+    """A new event loop: uvloop's when installed (faster), asyncio's otherwise.
 
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
+    ``CORRAL_EVENT_LOOP=asyncio`` forces the standard library's loop.
+    """
+    if os.environ.get("CORRAL_EVENT_LOOP", "").lower() != "asyncio":
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop()
+        except ImportError:
+            pass
+    return asyncio.new_event_loop()
 
 
 class LoopThread:

@@ -16,7 +16,7 @@ import click
 from ._loop import new_event_loop
 from ._version import __version__
 from .preload import PreloadError
-from .resources import parse_resources, resources_from_env
+from .resources import parse_resources
 from .scheduler.server import DEFAULT_PORT, Scheduler
 
 logger = logging.getLogger("corral.cli")
@@ -40,10 +40,23 @@ def _preload_errors() -> Any:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    from .logs import setup_logging
+
+    setup_logging(level)  # and keep a bounded in-memory log (client.get_worker_logs)
+
+
+class _ConfigProblem(click.ClickException):
+    exit_code = 2
+
+
+def _config() -> Any:
+    """The effective configuration (file < CORRAL_* variables); errors exit with status 2."""
+    from . import config
+
+    try:
+        return config.current()
+    except config.ConfigError as exc:
+        raise _ConfigProblem(str(exc)) from None
 
 
 def _run_until_signal(
@@ -113,6 +126,21 @@ def _security(tls_cert: str | None, tls_key: str | None, tls_ca_file: str | None
         raise click.BadParameter(str(exc)) from None
 
 
+def _configured_security(
+    cfg: Any,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca_file: str | None,
+    max_frame_size: str | None,
+) -> tuple[Any, Any, Any, Any]:
+    """The TLS files and frame size limit: options given, else the configuration's."""
+    if not (tls_cert or tls_key or tls_ca_file):
+        tls_cert, tls_key, tls_ca_file = cfg["tls.cert"], cfg["tls.key"], cfg["tls.ca-file"]
+    if max_frame_size is None and cfg.source("comm.max-frame-size") != "default":
+        max_frame_size = str(cfg["comm.max-frame-size"])
+    return tls_cert, tls_key, tls_ca_file, max_frame_size
+
+
 def _max_frame(text: str | None) -> int | None:
     if text is None:
         return None
@@ -125,9 +153,12 @@ def _max_frame(text: str | None) -> int | None:
 
 
 def _token(token_file: str | None, scheduler_info: dict[str, Any] | None = None) -> str | None:
-    """--auth-token-file, else $CORRAL_AUTH_TOKEN, else the scheduler file's token."""
-    from .comm.security import resolve_token
+    """--auth-token-file, else $CORRAL_AUTH_TOKEN, else the scheduler file's token, else
+    the configured ``auth.token-file`` ($CORRAL_AUTH_TOKEN_FILE or the config file's)."""
+    from .comm.security import TOKEN_ENV, resolve_token
 
+    if not token_file and not os.environ.get(TOKEN_ENV) and not (scheduler_info or {}).get("token"):
+        token_file = _config()["auth.token-file"]
     try:
         return resolve_token(None, token_file, scheduler_info)
     except (OSError, ValueError) as exc:
@@ -141,8 +172,21 @@ def main() -> None:
 
 
 @main.command(context_settings=_PRELOAD_CONTEXT)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="Port (0: any free one).")
+@click.option("--host", default=None, help="Interface to listen on [config scheduler.host: 127.0.0.1].")
+@click.option(
+    "--port", default=None, type=int, help=f"Port (0: any free one) [config scheduler.port: {DEFAULT_PORT}]."
+)
+@click.option(
+    "--dashboard-address",
+    default=None,
+    help="Where the dashboard and /metrics listen: [HOST]:PORT; no HOST: the scheduler's "
+    "interface [config dashboard.address: :8787].",
+)
+@click.option(
+    "--dashboard/--no-dashboard",
+    default=None,
+    help="Serve the dashboard and /metrics [config dashboard.enabled: true].",
+)
 @click.option("--scheduler-file", default=None, help="Write the address here as JSON.")
 @click.option(
     "--auth",
@@ -155,18 +199,20 @@ def main() -> None:
 @click.option(
     "--version-check",
     type=click.Choice(["warn", "strict", "off"]),
-    default="warn",
-    show_default=True,
+    default=None,
     help="Workers whose Python/package versions differ from the cluster's: warn (log and "
-    "record them), strict (refuse them), off (do not check).",
+    "record them), strict (refuse them), off (do not check) [config scheduler.version-check: "
+    "warn].",
 )
 @click.option("--preload", multiple=True, help=_PRELOAD_HELP)
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", default=None, help="[config logging.level: INFO]")
 @click.pass_context
 def scheduler(
     ctx: click.Context,
-    host: str,
-    port: int,
+    host: str | None,
+    port: int | None,
+    dashboard_address: str | None,
+    dashboard: bool | None,
     scheduler_file: str | None,
     auth: str | None,
     auth_token_file: str | None,
@@ -174,12 +220,33 @@ def scheduler(
     tls_key: str | None,
     tls_ca_file: str | None,
     max_frame_size: str | None,
-    version_check: str,
+    version_check: str | None,
     preload: tuple[str, ...],
-    log_level: str,
+    log_level: str | None,
 ) -> None:
-    """Start a scheduler and serve until Ctrl-C or SIGTERM."""
-    _setup_logging(log_level)
+    """Start a scheduler and serve until Ctrl-C or SIGTERM.
+
+    Defaults come from the configuration (``corral config show``): the file,
+    then ``CORRAL_*`` variables; options given here win.
+    """
+    cfg = _config()
+    _setup_logging(cfg.get("logging.level", log_level))
+    host = cfg.get("scheduler.host", host)
+    port = cfg.get("scheduler.port", port)
+    version_check = cfg.get("scheduler.version-check", version_check)
+    if dashboard is None:
+        dashboard = bool(dashboard_address) or cfg["dashboard.enabled"]
+    dashboard_at: str | bool = cfg.get("dashboard.address", dashboard_address) if dashboard else False
+    if dashboard_address is not None:
+        from .config import parse_address
+
+        try:
+            parse_address(dashboard_address, "127.0.0.1")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--dashboard-address") from None
+    tls_cert, tls_key, tls_ca_file, max_frame_size = _configured_security(
+        cfg, tls_cert, tls_key, tls_ca_file, max_frame_size
+    )
     if auth == "generate":
         if not scheduler_file:
             raise click.UsageError("--auth generate needs --scheduler-file (the token goes there)")
@@ -199,17 +266,20 @@ def scheduler(
             port=port,
             scheduler_file=scheduler_file,
             token=token,
-            preload=list(preload) or None,
+            preload=list(preload) or cfg["scheduler.preload"] or None,
             preload_argv=list(ctx.args),
             security=security,
             max_frame_bytes=_max_frame(max_frame_size),
             token_in_scheduler_file=auth == "generate",
             version_check=version_check,
+            dashboard_address=dashboard_at,
         )
 
     async def start() -> None:
         await service.start()
         click.echo(f"Scheduler at: {service.address}", err=True)
+        if service.dashboard_link:
+            click.echo(f"Dashboard at: {service.dashboard_link}", err=True)
 
     with _preload_errors():
         _run_until_signal(start, service.close, service.finished)
@@ -236,18 +306,27 @@ def _scheduler_info(address: str | None, scheduler_file: str | None) -> dict[str
 @main.command(context_settings=_PRELOAD_CONTEXT)
 @click.argument("address", required=False)
 @click.option("--scheduler-file", default=None, help="Read the scheduler address from this file.")
-@click.option("--nthreads", default=None, type=int, help="Threads per worker process.")
+@click.option(
+    "--nthreads", default=None, type=int, help="Threads per worker process [config worker.nthreads]."
+)
 @click.option("--nworkers", default=1, show_default=True, type=int, help="Worker processes.")
 @click.option("--name", default=None, help="Worker name (suffixed -i with several workers).")
-@click.option("--memory-limit", default="auto", show_default=True, help="Bytes per worker, e.g. 4GB.")
+@click.option(
+    "--memory-limit", default=None, help="Bytes per worker, e.g. 4GB [config worker.memory-limit: auto]."
+)
 @click.option(
     "--resources",
     default=None,
     help='Abstract resources, e.g. "GPU=2,MEMORY=100e9"; "GPU=[0,1]" for indexed ones; '
-    '"auto" to detect GPUs and memory.  Default: $CORRAL_WORKER_RESOURCES.',
+    '"auto" to detect GPUs and memory.  Default: $CORRAL_WORKER_RESOURCES, else config '
+    "worker.resources.",
 )
 @click.option("--host", default=None, help="Interface for the peer port.")
-@click.option("--local-directory", default=None, help="Scratch space for this worker.")
+@click.option(
+    "--local-directory",
+    default=None,
+    help="Scratch space for this worker [config worker.local-directory].",
+)
 @click.option(
     "--nanny/--no-nanny",
     default=True,
@@ -258,22 +337,30 @@ def _scheduler_info(address: str | None, scheduler_file: str | None) -> dict[str
 )
 @click.option(
     "--memory-pause-fraction",
-    default=0.8,
-    show_default=True,
+    default=None,
     type=float,
-    help="Pause (start no task) above this fraction of --memory-limit; 0: never.",
+    help="Pause (start no task) above this fraction of --memory-limit; 0: never "
+    "[config worker.memory-pause-fraction: 0.8].",
 )
 @click.option(
     "--memory-terminate-fraction",
-    default=0.95,
-    show_default=True,
+    default=None,
     type=float,
     help="Above this fraction of --memory-limit the process exits (status 79) and its "
-    "supervisor starts a fresh one; its tasks move elsewhere; 0: never.",
+    "supervisor starts a fresh one; its tasks move elsewhere; 0: never "
+    "[config worker.memory-terminate-fraction: 0.95].",
+)
+@click.option(
+    "--memory-spill-fraction",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Above this fraction of --memory-limit, move the least recently used results to "
+    "files under --local-directory; 0: never.",
 )
 @_security_options
 @click.option("--preload", multiple=True, help=_PRELOAD_HELP)
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", default=None, help="[config logging.level: INFO]")
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -282,36 +369,52 @@ def worker(
     nthreads: int | None,
     nworkers: int,
     name: str | None,
-    memory_limit: str,
+    memory_limit: str | None,
     resources: str | None,
     host: str | None,
     local_directory: str | None,
     nanny: bool,
-    memory_pause_fraction: float,
-    memory_terminate_fraction: float,
+    memory_pause_fraction: float | None,
+    memory_terminate_fraction: float | None,
+    memory_spill_fraction: float,
     auth_token_file: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     tls_ca_file: str | None,
     max_frame_size: str | None,
     preload: tuple[str, ...],
-    log_level: str,
+    log_level: str | None,
 ) -> None:
     """Start worker processes that connect to the scheduler at ADDRESS.
 
     Options for a --preload module's click command come after ADDRESS.
+    Defaults come from the configuration (``corral config show``).
     """
     from .deploy.local import _memory_limit
 
-    _setup_logging(log_level)
+    cfg = _config()
+    _setup_logging(cfg.get("logging.level", log_level))
     if nworkers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--nworkers")
+    nthreads = cfg.get("worker.nthreads", nthreads)
+    local_directory = cfg.get("worker.local-directory", local_directory)
+    memory_pause_fraction = cfg.get("worker.memory-pause-fraction", memory_pause_fraction)
+    memory_terminate_fraction = cfg.get(
+        "worker.memory-terminate-fraction", memory_terminate_fraction
+    )
+    preload = tuple(preload) or tuple(cfg["worker.preload"])
+    tls_cert, tls_key, tls_ca_file, max_frame_size = _configured_security(
+        cfg, tls_cert, tls_key, tls_ca_file, max_frame_size
+    )
     try:
         if resources is not None:
             parsed_resources = parse_resources(resources)
         else:
-            parsed_resources = resources_from_env()  # CORRAL_WORKER_RESOURCES, same syntax
-        limit = _memory_limit(memory_limit, nworkers)
+            # $CORRAL_WORKER_RESOURCES (same syntax), else the config file's worker.resources
+            offer = cfg["worker.resources"]
+            source = cfg.source("worker.resources").lstrip("$")
+            parsed_resources = parse_resources(offer, source) if isinstance(offer, str) else offer
+        limit = _memory_limit(cfg.get("worker.memory-limit", memory_limit), nworkers)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     info = _scheduler_info(address, scheduler_file)
@@ -342,6 +445,7 @@ def worker(
             max_frame_bytes=_max_frame(max_frame_size),
             memory_pause_fraction=memory_pause_fraction or None,
             memory_terminate_fraction=memory_terminate_fraction or None,
+            memory_spill_fraction=memory_spill_fraction or None,
             nanny_slot=supervision.slot if supervision else None,
         )
 
@@ -362,8 +466,6 @@ def worker(
         click.echo(f"corral worker: {exc}", err=True)
         sys.exit(EXIT_REFUSED)
     if service.exit_code:  # a restart, or memory above its terminate mark: see corral.nanny
-        sys.exit(service.exit_code)
-    if service.exit_code:  # left above its memory terminate mark: the supervisor restarts it
         sys.exit(service.exit_code)
 
 
@@ -407,6 +509,36 @@ def demo(n_workers: int, tasks: int) -> None:
     from .demo import run_demo
 
     run_demo(n_workers=n_workers, tasks=tasks)
+
+
+@main.group(name="config")
+def config_group() -> None:
+    """The configuration: ~/.config/corral/corral.yaml (or $CORRAL_CONFIG), then CORRAL_*
+    variables, then command line options (docs/configuration.md)."""
+
+
+@config_group.command(name="show")
+@click.argument("key", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (no comments).")
+def config_show(key: str | None, as_json: bool) -> None:
+    """Print the effective configuration, or the value of KEY (e.g. scheduler.port).
+
+    Values that do not come from the defaults are followed by their source.
+    """
+    import json
+
+    cfg = _config()
+    if key is not None:
+        try:
+            value = cfg[key]
+        except KeyError as exc:
+            raise _ConfigProblem(str(exc.args[0])) from None
+        click.echo(json.dumps(value) if as_json or not isinstance(value, str) else value)
+        return
+    if as_json:
+        click.echo(json.dumps(cfg.nested(), indent=2))
+    else:
+        click.echo(cfg.dump(), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,7 +50,9 @@ class ConfigError(CorralError, ValueError):
 # -- value checks: take what YAML or an environment variable gives, return the value --
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def optional(value: Any) -> Any:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none", "~")):
+        if value is None or (
+            isinstance(value, str) and value.strip().lower() in ("", "null", "none", "~")
+        ):
             return None
         return check(value)
 
@@ -78,7 +80,9 @@ def _int(low: int | None = None, high: int | None = None) -> Callable[[Any], int
     return check
 
 
-def _float(low: float = 0.0, high: float | None = None, *, strict: bool = False) -> Callable[[Any], float]:
+def _float(
+    low: float = 0.0, high: float | None = None, *, strict: bool = False
+) -> Callable[[Any], float]:
     def check(value: Any) -> float:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
@@ -86,8 +90,11 @@ def _float(low: float = 0.0, high: float | None = None, *, strict: bool = False)
             number = float(value.strip() if isinstance(value, str) else value)
         except (TypeError, ValueError):
             raise ValueError(f"expected a number, got {value!r}") from None
-        if number != number or number < low or (strict and number == low) or (
-            high is not None and number > high
+        if (
+            number != number
+            or number < low
+            or (strict and number == low)
+            or (high is not None and number > high)
         ):
             what = f"greater than {low}" if strict else f"at least {low}"
             if high is not None:
@@ -178,14 +185,29 @@ def _resources(value: Any) -> str | dict[str, Any]:
 
     if value is None:
         return {}
-    if isinstance(value, Mapping):
-        return validate_worker_resources(value, "resources")
-    if isinstance(value, str):
-        # "auto" asks the hardware (nvidia-smi): checked when a worker starts, not here.
-        rest = ",".join(p for p in value.split(",") if p.strip().lower() != "auto")
-        parse_resources(rest, "resources")
-        return value.strip()
+    try:
+        if isinstance(value, Mapping):
+            # YAML reads 100e9 (no dot) as a string: take numbers written that way too.
+            return validate_worker_resources(
+                {k: _number_or_same(v) for k, v in value.items()}, "resources"
+            )
+        if isinstance(value, str):
+            # "auto" asks the hardware (nvidia-smi): checked when a worker starts, not here.
+            rest = ",".join(p for p in value.split(",") if p.strip().lower() != "auto")
+            parse_resources(rest, "resources")
+            return value.strip()
+    except ValueError as exc:
+        raise ValueError(str(exc).removeprefix("resources: ")) from None
     raise ValueError(f"expected a mapping like {{GPU: 2}} or a string like 'GPU=2', got {value!r}")
+
+
+def _number_or_same(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _address(value: Any) -> str:
@@ -314,7 +336,10 @@ OPTIONS: tuple[Option, ...] = (
         "Restart the worker above this fraction of the memory limit; 0: never.",
     ),
     Option(
-        "worker.local-directory", None, _optional(_str), "Scratch space of workers (null: a temporary one)."
+        "worker.local-directory",
+        None,
+        _optional(_str),
+        "Scratch space of workers (null: a temporary one).",
     ),
     Option("client.timeout", 30.0, _float(0.0, strict=True), "Seconds a client waits to connect."),
     Option(
@@ -371,7 +396,9 @@ def config_path(environ: Mapping[str, str] | None = None) -> tuple[str | None, b
 class Config:
     """Effective configuration: values by dotted key, and where each came from."""
 
-    def __init__(self, values: dict[str, Any], sources: dict[str, str], path: str | None, found: bool):
+    def __init__(
+        self, values: dict[str, Any], sources: dict[str, str], path: str | None, found: bool
+    ):
         self.values = values
         self.sources = sources
         self.path = path
@@ -437,9 +464,12 @@ def _did_you_mean(name: str, known: Mapping[str, Any]) -> str:
 
 
 def _check(option: Option, value: Any, source: str) -> Any:
+    """The checked value; a :class:`ConfigError` naming the file and key, or the variable."""
     try:
         return option.check(value)
     except ValueError as exc:
+        if source.startswith("$"):
+            raise ConfigError(f"environment variable {source[1:]}: {exc}") from None
         raise ConfigError(f"{source}: {option.key}: {exc}") from None
 
 
@@ -450,7 +480,9 @@ def _read_file(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"{path}: cannot read the configuration file: {exc.strerror or exc}"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -459,7 +491,10 @@ def _read_file(path: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (scheduler:, worker:, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (scheduler:, worker:, ...), "
+            f"got {type(data).__name__}"
+        )
     flat: dict[str, Any] = {}
 
     def walk(node: Mapping[Any, Any], prefix: str) -> None:
@@ -469,7 +504,9 @@ def _read_file(path: str) -> dict[str, Any]:
                 flat[key] = value
             elif key in _SECTIONS or any(s.startswith(key + ".") for s in _SECTIONS):
                 if not isinstance(value, dict):
-                    raise ConfigError(f"{path}: {key}: expected a section (a mapping of keys), got {value!r}")
+                    raise ConfigError(
+                        f"{path}: {key}: expected a section (a mapping of keys), got {value!r}"
+                    )
                 walk(value, key + ".")
             else:
                 choices = {k: None for k in BY_KEY} | {s: None for s in _SECTIONS}
@@ -499,7 +536,9 @@ def load(path: str | None = _UNSET, environ: Mapping[str, str] | None = None) ->
                 values[key] = _check(BY_KEY[key], raw, path)
                 sources[key] = path
         elif explicit:
-            raise ConfigError(f"{path}: the configuration file named by ${CONFIG_ENV} does not exist")
+            raise ConfigError(
+                f"{path}: the configuration file named by ${CONFIG_ENV} does not exist"
+            )
     for name in sorted(env):
         if name.startswith("CORRAL_") and "__" in name:
             option = _BY_ENV.get(name)
@@ -512,7 +551,7 @@ def load(path: str | None = _UNSET, environ: Mapping[str, str] | None = None) ->
         for name in (option.env_var, *option.env):
             text = env.get(name)
             if text is not None and (name == option.env_var or text.strip()):
-                values[option.key] = _check(option, text, f"environment variable {name}")
+                values[option.key] = _check(option, text, f"${name}")
                 sources[option.key] = f"${name}"
                 break
     return Config(values, sources, path, found)
@@ -529,7 +568,11 @@ def current() -> Config:
         mtime = os.stat(path).st_mtime_ns if path else None
     except OSError:
         mtime = None
-    signature = (path, mtime, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("CORRAL_"))))
+    signature = (
+        path,
+        mtime,
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("CORRAL_"))),
+    )
     if _cache is None or _cache[0] != signature:
         _cache = (signature, load())
     return _cache[1]

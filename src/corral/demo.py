@@ -11,11 +11,18 @@ import time
 from typing import Any
 
 from .client import Client
+from .diagnostics.progress import progress
 from .environments import WorkerEnvironment, get_environment_state
 
 
 def square(x: int) -> int:
     """x squared."""
+    return x * x
+
+
+def slow_square(x: int) -> int:
+    """x squared, slowly (for the progress bars)."""
+    time.sleep(0.01)
     return x * x
 
 
@@ -75,6 +82,8 @@ def run_demo(n_workers: int = 2, tasks: int = 2000) -> None:
         say(f"Started a local cluster at {client.scheduler_address} in {time.perf_counter() - t0:.2f}s")
         for addr, w in info["workers"].items():
             say(f"  worker {w['name']:>3} at {addr}: {w['nthreads']} thread(s)")
+        if client.dashboard_link:
+            say(f"  dashboard: {client.dashboard_link}")
 
         t = time.perf_counter()
         futures = client.map(square, range(tasks))
@@ -103,6 +112,11 @@ def run_demo(n_workers: int = 2, tasks: int = 2000) -> None:
             f"tree reduction: {len(dsk)} tasks as a dask-style graph -> {result} "
             f"in {time.perf_counter() - t:.2f}s"
         )
+
+        say("progress: corral.progress(futures) draws one bar per task group")
+        slow = client.map(slow_square, range(100)) + client.map(fails, range(40))
+        progress(slow)
+        del slow
 
         a = client.submit(square, 12)
         b = client.submit(square, a)  # futures as arguments become dependencies

@@ -75,4 +75,3 @@ def setup_logging(level: str) -> None:
     corral_logger = logging.getLogger("corral")
     corral_logger.setLevel(min(numeric, logging.INFO))  # the buffer sees INFO too
     install()
-

@@ -52,7 +52,9 @@ PARENT_ENV = "CORRAL_NANNY_PID"
 #: A child failing before it is ready this many times in a row is given up.
 MAX_START_FAILURES = 5
 #: A crash within this many seconds of the start counts towards the back-off.
-QUICK_CRASH_SECONDS = 10.0
+QUICK_CRASH_SECONDS = 3.0
+#: Quick crashes in a row restarted at once; after that the delay doubles (0.5 s to 10 s).
+QUICK_CRASHES_FREE = 3
 
 
 class Slot:
@@ -127,9 +129,8 @@ class Slot:
                 self.quick_crashes += 1
             else:
                 self.quick_crashes = 0
-            delay = (
-                min(0.1 * 2 ** max(0, self.quick_crashes - 1), 10.0) if self.quick_crashes else 0.0
-            )
+            extra = self.quick_crashes - QUICK_CRASHES_FREE
+            delay = min(0.5 * 2 ** (extra - 1), 10.0) if extra > 0 else 0.0
             logger.warning(
                 "worker %s exited with status %s; restarting it%s",
                 self.label,

@@ -610,6 +610,9 @@ class PipInstallError(RuntimeError):
 #: Where PipInstall keeps its markers (one per environment and package list).
 PIP_MARKERS = "corral-pip-install"
 
+#: When corral was imported in this process: earlier than any package a task imports.
+_PROCESS_STARTED = time.time()
+
 
 class PipInstall(WorkerPlugin):
     """A worker plugin installing packages with pip on every current and future worker.
@@ -704,13 +707,11 @@ class PipInstall(WorkerPlugin):
 
     async def setup(self, worker: Any) -> None:
         """Install (once per environment); restart the worker if asked and needed."""
-        import psutil
-
         where = getattr(worker, "address", None) or getattr(worker, "name", None) or "?"
         installed = await asyncio.to_thread(self._install_once, str(where))
         if not self.restart_workers:
             return
-        if psutil.Process().create_time() >= installed:
+        if installed < _PROCESS_STARTED:
             return  # this process started after the install: it imports the new versions
         if not getattr(worker, "supervised", False):
             _log.warning(

@@ -40,7 +40,9 @@ def _write_cert(cert: x509.Certificate, path: str) -> None:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def make_ca(folder: str, name: str = "corral-test-ca") -> tuple[CertFiles, x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_ca(
+    folder: str, name: str = "corral-test-ca"
+) -> tuple[CertFiles, x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -18,7 +18,7 @@ from corral._loop import LoopThread
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _certs import PKI, make_pki  # noqa: E402
+from _certs import PKI, make_pki
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(str(tmp_path_factory.mktemp("pki")))
 
 
-def poll(predicate: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.05) -> Any:
+def poll(
+    predicate: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.05
+) -> Any:
     """Wait until ``predicate()`` is truthy; return its value, or fail naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -61,7 +63,12 @@ class SchedulerThread:
         return self.loop_thread.run(run(), timeout=30)
 
     def workers(self) -> dict[str, Any]:
-        return self.call(lambda: {a: self.scheduler.state.worker_info(w) for a, w in self.scheduler.state.workers.items()})
+        return self.call(
+            lambda: {
+                a: self.scheduler.state.worker_info(w)
+                for a, w in self.scheduler.state.workers.items()
+            }
+        )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -91,11 +98,11 @@ def corral_env(token: str | None = None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def corral_process(*args: str, token: str | None = None, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def corral_process(
+    *args: str, token: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """``python -m corral ARGS`` as a subprocess, stopped (SIGTERM, then SIGKILL) at the end."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "corral", *args], env=env or corral_env(token)
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "corral", *args], env=env or corral_env(token))
     try:
         yield proc
     finally:

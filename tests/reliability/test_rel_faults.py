@@ -57,7 +57,10 @@ def test_async_client_sees_comm_closed_error() -> None:
                 fut = c.submit(time.sleep, 30, pure=False)
                 await asyncio.sleep(0.2)
                 s.loop_thread.loop.call_soon_threadsafe(
-                    lambda: [conn.abort("test: scheduler gone") for conn in list(s.scheduler._streams.values())]
+                    lambda: [
+                        conn.abort("test: scheduler gone")
+                        for conn in list(s.scheduler._streams.values())
+                    ]
                 )
                 with pytest.raises(corral.CommClosedError, match="scheduler"):
                     await asyncio.wait_for(fut, 10)
@@ -112,7 +115,9 @@ def test_requests_to_a_scheduler_that_never_answers_time_out() -> None:
     loop = LoopThread(name="mute-scheduler")
 
     async def serve(conn) -> None:
-        await accept(conn, role="scheduler", server_id="mute", token=None, allowed_roles=("client",))
+        await accept(
+            conn, role="scheduler", server_id="mute", token=None, allowed_roles=("client",)
+        )
         conn.set_handler(lambda batch: None)  # read everything, answer nothing
 
     async def start():

@@ -17,8 +17,8 @@ from corral.worker.state import ComputeEvent, Execute, ExecuteSuccess, PauseEven
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from state_helpers import FN, W1, W2, Sched, ctask, finished, spec  # noqa: E402
-from state_helpers import Worker as WState  # noqa: E402
+from state_helpers import FN, W1, W2, Sched, ctask, finished, spec
+from state_helpers import Worker as WState
 
 MiB = 2**20
 
@@ -64,11 +64,23 @@ def _placed(out: dict) -> dict[str, list[str]]:
 def test_the_scheduler_places_nothing_on_a_paused_worker() -> None:
     s = Sched(W1, W2)
     s(W1, WorkerStatus(W1, "paused"))
-    out = s("c", UpdateGraph(tasks=[spec(f"t{i}", fn="f") for i in range(4)], wanted=[f"t{i}" for i in range(4)], functions={"f": FN}))
+    out = s(
+        "c",
+        UpdateGraph(
+            tasks=[spec(f"t{i}", fn="f") for i in range(4)],
+            wanted=[f"t{i}" for i in range(4)],
+            functions={"f": FN},
+        ),
+    )
     assert _placed(out) == {W2: ["t0", "t1", "t2", "t3"]}
     assert s.state.worker_info(s.state.workers[W1])["status"] == "paused"
     # a task only W1 may run waits, and says why
-    out = s("c", UpdateGraph(tasks=[spec("only1", fn="f", workers=[W1])], wanted=["only1"], functions={"f": FN}))
+    out = s(
+        "c",
+        UpdateGraph(
+            tasks=[spec("only1", fn="f", workers=[W1])], wanted=["only1"], functions={"f": FN}
+        ),
+    )
     assert _placed(out) == {}
     assert "paused" in s.state.why_pending("only1")
     # resuming places it
@@ -87,15 +99,19 @@ def test_the_scheduler_places_nothing_on_a_paused_worker() -> None:
 
 
 # -- real processes ------------------------------------------------------------------------------
-def hold_memory(fraction: float) -> bytearray:
-    """Return a buffer that brings this worker's RSS to ``fraction`` of its memory limit."""
+def hold_memory(fraction: float):
+    """Return an array that brings this worker's RSS to ``fraction`` of its memory limit.
+
+    (A NumPy array: it is serialized out of band, without a second copy.)
+    """
+    import numpy as np
     import psutil
 
     from corral import get_worker
 
     limit = get_worker().memory_limit
     rss = psutil.Process().memory_info().rss
-    return bytearray(max(0, int(fraction * limit) - rss))
+    return np.ones(max(0, int(fraction * limit) - rss), dtype=np.uint8)
 
 
 def hog(nbytes: int, seconds: float) -> str:
@@ -173,7 +189,9 @@ def test_memory_terminate_restarts_the_worker_and_its_tasks_finish_elsewhere(two
         before = _by_name(s)["small"]
         small = before["address"]
         # Runs first on "small" (one thread), which passes its terminate mark and leaves.
-        big_task = c.submit(hog, SMALL_LIMIT, 2.0, workers=[small], allow_other_workers=True, pure=False)
+        big_task = c.submit(
+            hog, SMALL_LIMIT, 2.0, workers=[small], allow_other_workers=True, pure=False
+        )
         queued = [
             c.submit(where, i, workers=[small], allow_other_workers=True, pure=False)
             for i in range(10)
@@ -190,7 +208,77 @@ def test_memory_terminate_restarts_the_worker_and_its_tasks_finish_elsewhere(two
         )
         assert after["address"] != small
         assert small_proc.poll() is None  # the supervisor itself lives on
-        assert c.submit(where, 7, workers=[after["address"]], pure=False).result(timeout=30)[0] == 14
+        assert (
+            c.submit(where, 7, workers=[after["address"]], pure=False).result(timeout=30)[0] == 14
+        )
         story = c.story(big_task)
         assert sum(1 for t in story if t[2] == "processing") == 2  # ran twice: small, then big
     assert MEMORY_EXIT_CODE not in (0, 75, 78)  # not "clean", "restart me", "refused"
+
+
+# -- spilling to disk ----------------------------------------------------------------------------
+def test_spill_buffer_round_trips_values_through_disk(tmp_path) -> None:
+    import threading
+
+    from corral.worker.spill import SpillBuffer
+
+    buf = SpillBuffer(str(tmp_path), target=3_000)
+    for i in range(10):
+        buf[f"k{i}"] = bytes([i]) * 1_000
+    assert len(buf) == 10 and set(buf) == {f"k{i}" for i in range(10)}
+    assert buf.fast_bytes <= 3_000 and len(buf.slow) >= 7
+    assert len(os.listdir(buf.directory)) == len(buf.slow)
+    assert buf["k0"] == b"\x00" * 1_000  # read back from disk, now most recently used
+    assert "k0" in buf.fast
+    buf["lock"] = threading.Lock()  # cannot be pickled: stays in memory
+    for i in range(10, 20):
+        buf[f"k{i}"] = bytes([i]) * 1_000
+    assert "lock" in buf.fast and "lock" in buf.unspillable
+    assert buf.evict() > 0
+    del buf["k1"]
+    buf.pop("k2")
+    assert "k1" not in buf and "k2" not in buf
+    assert all(buf[f"k{i}"] == bytes([i]) * 1_000 for i in range(3, 20))
+    buf.close()
+    assert not os.path.exists(buf.directory)
+
+
+def big(i: int) -> bytes:
+    return bytes([i % 256]) * 500_000
+
+
+def test_a_worker_spills_results_to_its_local_directory(tmp_path) -> None:
+    from corral import Worker
+    from corral.worker.spill import SpillBuffer
+
+    with scheduler_thread(token="t") as s:
+        worker = s.loop_thread.run(
+            Worker(
+                s.address,
+                nthreads=1,
+                token="t",
+                memory_limit=4 * MiB,
+                memory_spill_fraction=0.5,
+                memory_pause_fraction=None,
+                local_directory=str(tmp_path),
+            ).start()
+        )
+        try:
+            assert isinstance(worker.data, SpillBuffer)
+            with Client(s.address, token="t", set_as_default=False) as c:
+                parts = c.map(big, range(20))
+                total = c.submit(lambda xs: sum(len(x) for x in xs), parts)
+                assert total.result(timeout=30) == 20 * 500_000
+                assert s.call(lambda: len(worker.data.slow)) > 0  # on disk now
+                assert os.listdir(worker.data.directory)
+                values = c.gather(parts)  # served from disk
+                assert values == [big(i) for i in range(20)]
+                info = c.scheduler_info()["workers"][worker.address]
+                poll(
+                    lambda: "spilled" in c.scheduler_info()["workers"][worker.address]["metrics"],
+                    "spill metrics",
+                )
+                assert info["memory_limit"] == 4 * MiB
+        finally:
+            s.loop_thread.run(worker.close())
+        assert not os.path.exists(worker.data.directory)

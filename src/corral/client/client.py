@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
 from typing import Any
 
+from .. import config
 from .._loop import LoopThread
 from ..comm import Connection
 from ..comm.handshake import connect, connect_with_retry
@@ -93,7 +94,7 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         address: Any = None,
         *,
         asynchronous: bool = False,
-        timeout: float = 30.0,
+        timeout: float | None = None,
         name: str | None = None,
         token: str | None = None,
         set_as_default: bool = True,
@@ -105,6 +106,7 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         version_check: str = "warn",
         **cluster_kwargs: Any,
     ) -> None:
+        timeout = float(config.get("client.timeout", timeout))  # default 30 s (corral.config)
         # On connect, compare versions with the scheduler's and workers' (corral.versions):
         # "warn" (a VersionMismatchWarning), "strict" (raise; the scheduler also refuses
         # mismatched workers while this client is connected) or "off".
@@ -211,6 +213,8 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
                 await self.cluster._close()
             raise
         self._conn = conn
+        # The scheduler's services (its dashboard port): see dashboard_link.
+        self._services: dict[str, Any] = dict((welcome.info or {}).get("services") or {})
         conn.set_handler(self._on_messages)
         conn.on_close(self._on_scheduler_closed)
         self.status = "running"
@@ -290,8 +294,56 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         """The address of the scheduler this client talks to."""
         return self._address
 
+    @property
+    def dashboard_link(self) -> str | None:
+        """``http://HOST:PORT/status``: the scheduler's dashboard (``None`` if it serves none)."""
+        link = getattr(self.cluster, "dashboard_link", None)
+        if link:
+            return str(link)
+        port = getattr(self, "_services", {}).get("dashboard")
+        if not port or not self._address:
+            return None
+        from ..comm import format_address
+
+        host = self._address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+        return f"{format_address(host, port, 'http')}/status"
+
+    def _workers_for_repr(self) -> dict[str, Any] | None:
+        """Workers as in ``scheduler_info()`` (asked quickly, synchronous clients only)."""
+        if self.asynchronous or self.status != "running" or self._loop_thread is None:
+            return None
+        try:
+            info = self._loop_thread.run(self._request("scheduler_info"), timeout=2)
+        except Exception:  # a repr must never raise
+            return None
+        return dict(info.get("workers", {}))
+
     def __repr__(self) -> str:
-        return f"<Client: {self._address} status={self.status}>"
+        workers = self._workers_for_repr()
+        parts = [f"<Client: {self._address} status={self.status}"]
+        if workers is not None:
+            from .._repr import format_bytes, format_offer, summarize
+
+            s = summarize(workers)
+            parts.append(
+                f"workers={s['workers']} threads={s['threads']} memory={format_bytes(s['memory'])}"
+            )
+            if s["resources"]:
+                parts.append(f"resources={format_offer(s['resources'])}")
+        if self.dashboard_link:
+            parts.append(f"dashboard={self.dashboard_link}")
+        return " ".join(parts) + ">"
+
+    def _repr_html_(self) -> str:
+        from .._repr import cluster_html
+
+        return cluster_html(
+            "Client",
+            self._address,
+            self._workers_for_repr(),
+            self.dashboard_link,
+            {"status": self.status, "cluster": type(self.cluster).__name__ if self.cluster else "-"},
+        )
 
     # -- futures bookkeeping -------------------------------------------------------
     def _acquire(self, key: str) -> FutureState:
@@ -1064,6 +1116,33 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         k = key.key if isinstance(key, Future) else stringify(key)
         return self._sync(self._request("story", key=k))
 
+    def get_scheduler_logs(self, n: int | None = None) -> Any:
+        """The scheduler process's last ``n`` log records (all kept ones by default).
+
+        A list of ``(level, text)``, oldest first (:mod:`corral.logs`).
+
+        Example::
+
+            for level, text in client.get_scheduler_logs(n=20):
+                print(level, text)
+        """
+        return self._sync(_as_tuples(self._request("get_logs", n=n)))
+
+    def get_worker_logs(self, n: int | None = None, workers: Any = None, nanny: bool = False) -> Any:
+        """Each worker process's last ``n`` log records: ``{address: [(level, text), ...]}``.
+
+        ``workers``: addresses or names (default: every worker).  Asked through
+        :meth:`run`; workers in this process (``LocalCluster(processes=False)``)
+        share this process's log.
+
+        Example::
+
+            client.get_worker_logs(n=5, workers=["tcp://10.0.0.5:40123"])
+        """
+        from ..logs import get_logs
+
+        return self.run(get_logs, n, workers=workers, nanny=nanny)
+
     def nthreads(self) -> Any:
         """Threads per worker address."""
         coro = self._request("scheduler_info")
@@ -1206,6 +1285,10 @@ def _annotated_options(
 def _graph_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     allowed = ("priority", "workers", "allow_other_workers", "retries", "resources", "environment")
     return {k: kwargs[k] for k in allowed if k in kwargs}
+
+
+async def _as_tuples(coro: Coroutine[Any, Any, Any]) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in await coro]
 
 
 async def _noop() -> None:

@@ -173,6 +173,12 @@ class ConsistencyMethods:
         ``TimeoutError`` naming a worker that did not come back within
         ``timeout`` seconds (60 by default); the others carry on.  Raises
         ``RuntimeError`` (and restarts nothing) if a worker has no supervisor.
+        ``wait_for_workers`` is accepted for dask.distributed's sake: Corral
+        always waits.
+
+        Example::
+
+            client.restart()   # {"tcp://10.0.0.5:38551": "OK", ...}
         """
         return self._sync(self._restart_workers(None, timeout, True, True))
 

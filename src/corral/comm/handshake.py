@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 

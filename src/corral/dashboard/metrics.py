@@ -56,7 +56,9 @@ class SchedulerCollector:
         yield finished
         yield erred
 
-        workers = GaugeMetricFamily("corral_scheduler_workers", "Connected workers.", labels=["status"])
+        workers = GaugeMetricFamily(
+            "corral_scheduler_workers", "Connected workers.", labels=["status"]
+        )
         by_status = {"running": 0, "paused": 0}
         for w in snap["workers"]:
             by_status[w["status"]] = by_status.get(w["status"], 0) + 1
@@ -71,7 +73,11 @@ class SchedulerCollector:
         per_worker = {
             "threads": ("corral_worker_threads", "Threads of the worker.", "nthreads"),
             "memory": ("corral_worker_memory_bytes", "Resident memory of the worker.", "memory"),
-            "limit": ("corral_worker_memory_limit_bytes", "Memory limit (0: none).", "memory_limit"),
+            "limit": (
+                "corral_worker_memory_limit_bytes",
+                "Memory limit (0: none).",
+                "memory_limit",
+            ),
             "cpu": ("corral_worker_cpu_percent", "CPU use of the worker process.", "cpu"),
             "processing": (
                 "corral_worker_processing_tasks",
@@ -81,7 +87,9 @@ class SchedulerCollector:
             "executing": ("corral_worker_executing_tasks", "Tasks running now.", "executing"),
             "stored": ("corral_worker_stored_bytes", "Bytes of results held.", "nbytes"),
         }
-        families = {k: GaugeMetricFamily(n, h, labels=labels) for k, (n, h, _) in per_worker.items()}
+        families = {
+            k: GaugeMetricFamily(n, h, labels=labels) for k, (n, h, _) in per_worker.items()
+        }
         offered = GaugeMetricFamily(
             "corral_worker_resource_offered",
             "Amount of each resource the worker offers.",

@@ -79,6 +79,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _frame(snapshot_json: str, stream: list[Any]) -> str:
+    """One frame's JSON text; the snapshot is serialized once and shared by every viewer."""
+    return '{"snapshot":' + snapshot_json + ',"stream":' + json.dumps(stream) + "}"
+
+
 class _Viewer:
     __slots__ = ("busy", "seq", "ws")
 
@@ -200,7 +205,7 @@ class DashboardServer:
 
         obs = self.observer
         stream, _ = obs.stream_since(0, STREAM_PER_FRAME)
-        text = '{"snapshot":%s,"stream":%s}' % (self._snapshot_json(), json.dumps(stream))
+        text = _frame(self._snapshot_json(), stream)
         return web.Response(text=text, content_type="application/json")
 
     async def _metrics(self, request: Any) -> Any:
@@ -209,7 +214,9 @@ class DashboardServer:
 
         from .metrics import render
 
-        return web.Response(body=render(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=render(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def _ws(self, request: Any) -> Any:
         from aiohttp import web
@@ -244,7 +251,7 @@ class DashboardServer:
         frame = frames.get(viewer.seq)
         if frame is None:
             stream, next_seq = self.observer.stream_since(viewer.seq, STREAM_PER_FRAME)
-            text = '{"snapshot":%s,"stream":%s}' % (self._snapshot_json(), json.dumps(stream))
+            text = _frame(self._snapshot_json(), stream)
             frame = frames[viewer.seq] = (text, next_seq)
         viewer.seq = frame[1]
         viewer.busy = True

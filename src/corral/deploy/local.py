@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 
 from .._loop import LoopThread
+from ..comm import format_address
 from ..comm.handshake import connect_with_retry
 from ..comm.security import (
     TOKEN_ENV,
@@ -86,6 +87,7 @@ class LocalCluster:
         preload_argv: list[str] | None = None,
         worker_preload: str | list[str] | None = None,
         worker_preload_argv: list[str] | None = None,
+        dashboard_address: str | bool | None = None,
         **unused: Any,
     ) -> None:
         default_n, default_t = default_sizing()
@@ -132,6 +134,10 @@ class LocalCluster:
             worker_preload = [worker_preload]
         self.worker_preload = worker_preload
         self.worker_preload_argv = list(worker_preload_argv or [])
+        # The scheduler's dashboard: "[HOST]:PORT", None: the configuration's (":8787",
+        # a busy port falls back to a free one), False: none.  ``cluster.dashboard_link``.
+        self.dashboard_address = dashboard_address
+        self.dashboard_port: int | None = None
         self.scheduler_address = ""
         self.status = "created"
         self._tmpdir = tempfile.mkdtemp(prefix="corral-")
@@ -186,8 +192,10 @@ class LocalCluster:
                 preload=self.preload,
                 preload_argv=self.preload_argv,
                 security=self.security,
+                dashboard_address=self.dashboard_address,
             ).start()
             self.scheduler_address = self._scheduler.address
+            self.dashboard_port = self._scheduler.services.get("dashboard")
         register_local_token(self.scheduler_address, self.token)
         self.status = "running"
         if self.processes:
@@ -204,6 +212,10 @@ class LocalCluster:
         ]  # fmt: skip
         if self.security is not None:
             cmd += self.security.cli_args()
+        if self.dashboard_address is False or self.dashboard_address == "":
+            cmd += ["--no-dashboard"]
+        elif self.dashboard_address is not None:
+            cmd += ["--dashboard-address", str(self.dashboard_address)]
         cmd += _preload_args(self.preload, self.preload_argv)
         self._scheduler_proc = subprocess.Popen(cmd, env=self._env())
         self._all_procs.append(self._scheduler_proc)
@@ -219,7 +231,9 @@ class LocalCluster:
         import json
 
         with open(sched_file) as f:
-            self.scheduler_address = json.load(f)["address"]
+            info = json.load(f)
+        self.scheduler_address = info["address"]
+        self.dashboard_port = info.get("services", {}).get("dashboard")
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -421,11 +435,60 @@ class LocalCluster:
         """The in-process scheduler (``processes=False`` only)."""
         return self._scheduler
 
+    @property
+    def dashboard_link(self) -> str | None:
+        """``http://HOST:PORT/status`` of the scheduler's dashboard (``None``: no dashboard)."""
+        if not self.dashboard_port or not self.scheduler_address:
+            return None
+        host = self.scheduler_address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"{format_address(host, self.dashboard_port, 'http')}/status"
+
+    def _worker_specs(self) -> dict[str, dict[str, Any]]:
+        """What this cluster asked of each worker (no question to the scheduler)."""
+        names = sorted(self.workers, key=lambda n: int(n) if str(n).isdigit() else 0)
+        return {
+            f"worker {name}": {
+                "name": name,
+                "nthreads": self.threads_per_worker,
+                "memory_limit": self.memory_limit,
+                "resources": self._worker_resources(i) or {},
+            }
+            for i, name in enumerate(names)
+        }
+
     def __repr__(self) -> str:
+        from .._repr import format_bytes, format_offer
+
         kind = "processes" if self.processes else "threads"
-        return (
-            f"LocalCluster({self.scheduler_address!r}, workers={len(self.workers)}, "
-            f"threads={len(self.workers) * self.threads_per_worker}, {kind})"
+        n = len(self.workers)
+        parts = [
+            repr(self.scheduler_address),
+            f"workers={n}",
+            f"threads={n * self.threads_per_worker}",
+            f"memory={n} x {format_bytes(self.memory_limit)}"
+            if self.memory_limit
+            else "memory=no limit",
+        ]
+        if isinstance(self.resources, list):
+            parts.append("resources=[" + "; ".join(format_offer(r) for r in self.resources) + "]")
+        elif self.resources:
+            parts.append(f"resources={format_offer(self.resources)} each")
+        parts.append(kind)
+        if self.dashboard_link:
+            parts.append(f"dashboard={self.dashboard_link}")
+        return f"LocalCluster({', '.join(parts)})"
+
+    def _repr_html_(self) -> str:
+        from .._repr import cluster_html
+
+        return cluster_html(
+            "LocalCluster",
+            self.scheduler_address,
+            self._worker_specs(),
+            self.dashboard_link,
+            {"status": self.status, "kind": "processes" if self.processes else "threads"},
         )
 
 

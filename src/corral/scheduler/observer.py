@@ -28,7 +28,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from ..protocol.messages import TaskErred
+from ..protocol.messages import Message, TaskErred
 from ..resources import resource_amounts
 from .state import key_prefix
 
@@ -48,7 +48,11 @@ class Observer:
     """Task stream, message counts, loop lag and shared samples of one scheduler."""
 
     def __init__(
-        self, scheduler: Scheduler, *, interval: float | None = None, stream_length: int | None = None
+        self,
+        scheduler: Scheduler,
+        *,
+        interval: float | None = None,
+        stream_length: int | None = None,
     ) -> None:
         from .. import config
 
@@ -60,8 +64,8 @@ class Observer:
         self.stream_total = 0  # entries ever appended: the sequence number of the next one
         self.finished: dict[str, int] = {}  # group -> tasks finished since start
         self.erred: dict[str, int] = {}  # group -> task errors since start
-        self.worker_ops: dict[type, int] = {}  # message class -> received from workers
-        self.client_ops: dict[type, int] = {}  # message class -> received from clients
+        self.worker_ops: dict[type[Message], int] = {}  # message class -> received from workers
+        self.client_ops: dict[type[Message], int] = {}  # message class -> received from clients
         self.loop_lag = 0.0
         self._lags: deque[float] = deque(maxlen=120)
         self.samples = 0  # samples taken (tests check that viewers share them)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -43,10 +44,10 @@ from ..protocol.messages import (
 )
 from ..resources import validate_resources, validate_worker_resources
 from ..versions import get_versions
-from .environment_host import ENVIRONMENT_CLIENT_OPS, EnvironmentHost
 from .consistency import CONSISTENCY_CLIENT_OPS, CONSISTENCY_WORKER_OPS, ConsistencyHost
-from .placement import resolve_workers
+from .environment_host import ENVIRONMENT_CLIENT_OPS, EnvironmentHost
 from .observer import Observer
+from .placement import resolve_workers
 from .plugin_host import PLUGIN_CLIENT_OPS, PluginHost
 from .state import (
     WORKER_STATUSES,
@@ -241,8 +242,8 @@ class Scheduler:
         if port is None or self.dashboard is None:
             return None
         host = self.dashboard.host
-        if host in ("", "0.0.0.0", "::"):
-            host = self.address.split("://")[-1].rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+        if host in ("", "0.0.0.0", "::"):  # every interface: name this machine
+            host = socket.gethostname()
         return f"{format_address(host, port, 'http')}/status"
 
     # -- plugins and events (corral.scheduler.plugin_host) ---------------------------

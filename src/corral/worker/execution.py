@@ -94,6 +94,9 @@ class ThreadPool:
                 self._done.append(result)
                 wake = not self._wake_pending
                 self._wake_pending = True
+            # Drop our references now: an idle thread (a paused worker's, say)
+            # must not keep its last job's arguments and result alive.
+            job = result = None
             if wake:
                 try:
                     self._loop.call_soon_threadsafe(self._drain)

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import MutableMapping
 from typing import Any
 
 import psutil
@@ -22,6 +23,7 @@ from ..comm import Connection, connect, format_address, parse_address, start_ser
 from ..comm.handshake import accept
 from ..comm.security import Security, server_ssl, warn_if_exposed
 from ..errors import CommClosedError, HandshakeError, SerializationError
+from ..nanny import EXIT_REFUSED, EXIT_RESTART
 from ..protocol.messages import (
     CloseWorker,
     Compute,
@@ -41,13 +43,13 @@ from ..protocol.messages import (
     WorkerRestarting,
 )
 from ..protocol.serialize import deserialize, serialize, sizeof
-from ..nanny import EXIT_REFUSED, EXIT_RESTART
 from ..resources import resource_amounts, task_resources, validate_worker_resources
 from ..versions import get_versions
 from .environment_host import ENVIRONMENT_WORKER_OPS, WorkerEnvironmentHost
 from .execution import FunctionCache, ThreadPool, error_info, run_task
 from .memory import MEMORY_EXIT_CODE, MONITOR_INTERVAL, TERMINATE_GRACE, MemoryPolicy, decide
 from .plugin_host import PLUGIN_WORKER_OPS, WorkerPluginHost
+from .spill import SpillBuffer
 from .state import (
     ComputeEvent,
     DataStored,
@@ -99,6 +101,7 @@ class Worker:
         max_frame_bytes: int | None = None,
         memory_pause_fraction: float | None = 0.8,
         memory_terminate_fraction: float | None = None,
+        memory_spill_fraction: float | None = None,
         nanny_slot: str | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
@@ -121,7 +124,9 @@ class Worker:
         # their process (``corral worker`` sets it): the process then exits with
         # ``exit_code`` (MEMORY_EXIT_CODE) and its supervisor starts a fresh one.
         self.memory_policy = MemoryPolicy(
-            pause=memory_pause_fraction, terminate=memory_terminate_fraction
+            pause=memory_pause_fraction,
+            terminate=memory_terminate_fraction,
+            spill=memory_spill_fraction,
         )
         self.memory_paused = False
         self.exit_code: int | None = None
@@ -132,7 +137,11 @@ class Worker:
         self.connect_timeout = connect_timeout
         self.id = f"worker-{uuid.uuid4().hex[:12]}"
         self.address = ""
-        self.data: dict[str, Any] = {}
+        # Results by key: a dict, or a SpillBuffer moving the least recently used
+        # ones to disk (under local_directory) when spilling is on.
+        self.data: MutableMapping[str, Any] = {}
+        if memory_spill_fraction and memory_limit > 0:
+            self.data = SpillBuffer(local_directory, int(memory_spill_fraction * memory_limit))
         self.state = WorkerState(self.nthreads, self.resource_offer)
         self.functions = FunctionCache()
         self.status = "created"
@@ -145,6 +154,9 @@ class Worker:
         self._closed = asyncio.Event()
         self._registered = asyncio.Event()
         self._process = psutil.Process()
+        from ..logs import install as _install_log_buffer
+
+        _install_log_buffer()  # a bounded in-memory log: client.get_worker_logs()
         # Plugins and preloads (corral.worker.plugin_host); preloads import here.
         self._plugin_host = WorkerPluginHost(self, preload, preload_argv)
         self.plugins: dict[str, Any] = self._plugin_host.plugins
@@ -285,6 +297,8 @@ class Worker:
                 task.cancel()
         await self._plugin_host.close()  # plugin teardowns, then preload teardowns
         self.data.clear()
+        if isinstance(self.data, SpillBuffer):
+            self.data.close()
         self.status = "closed"
         self._closed.set()
 
@@ -616,6 +630,11 @@ class Worker:
             "cpu": cpu,
             "executing": len(self.state.executing),
             "in_memory": len(self.data),
+            **(
+                {"spilled": len(self.data.slow), "spilled_bytes": self.data.spilled_bytes}
+                if isinstance(self.data, SpillBuffer)
+                else {}
+            ),
             "resources_available": dict(self.state.available_resources),
             "status": "paused" if self.memory_paused else "running",
         }
@@ -629,12 +648,30 @@ class Worker:
                 rss = self._process.memory_info().rss
             except psutil.Error:
                 continue
+            if (
+                self.memory_policy.spill is not None
+                and isinstance(self.data, SpillBuffer)
+                and rss > self.memory_policy.spill * self.memory_limit
+            ):  # results to disk first: that may be enough
+                rss = self._spill_until(int(self.memory_policy.spill * self.memory_limit), rss)
             action = decide(rss, self.memory_limit, self.memory_policy, self.memory_paused)
             if action == "terminate":
                 self._memory_terminate(rss)
                 return
             if action in ("pause", "resume"):
                 self._set_paused(action == "pause", rss)
+
+    def _spill_until(self, target: int, rss: int, most: int = 100) -> int:
+        """Spill least recently used results until RSS is under ``target`` (or nothing is left)."""
+        assert isinstance(self.data, SpillBuffer)
+        for _ in range(most):
+            if rss <= target or not self.data.evict():
+                break
+            try:
+                rss = self._process.memory_info().rss
+            except psutil.Error:
+                break
+        return rss
 
     def _set_paused(self, paused: bool, rss: int) -> None:
         self.memory_paused = paused

@@ -397,9 +397,18 @@ class WorkerState:
                     self._forget(ts)
             elif ts.state == "cancelled-flight":
                 self._forget(ts)
-                # The store's value belongs to a newer record of the key, if any.
-                if ts.key in ev.received and ts.key not in self.tasks:
-                    self._out.append(ReleaseData([ts.key]))
+                if ts.key in ev.received:
+                    # The key may have a newer record here since it was freed.
+                    new = self.tasks.get(ts.key)
+                    if new is not None and new.state in ("fetch", "flight", "missing"):
+                        # Wanted again from elsewhere: it is here now.
+                        self._fetch.pop(new, None)
+                        new.nbytes = ev.received[ts.key]
+                        self._move(new, "memory")
+                        arrived[new.key] = new.nbytes
+                        self._arrived(new)
+                    elif new is None or new.state != "memory":
+                        self._out.append(ReleaseData([ts.key]))
         if ev.failed:
             stranded = []
             for ts in self._fetch:
