@@ -504,6 +504,31 @@ def test_scattered_data_lost_with_its_only_holder_is_cancelled_as_lost():
     assert s.tasks == {}
 
 
+def test_scatter_over_a_pending_key_wakes_its_dependents():
+    for pending in ("processing", "no-worker"):
+        s = Sched(W1)
+        restrict = [W1] if pending == "processing" else [W2]
+        submit(s, C1, [spec("a", workers=restrict), spec("b", "a")], ["b"])
+        assert s.states() == {"a": pending, "b": "waiting"}
+        out = s(C1, Scatter(id=1, data={"a": ARGS}, nbytes={"a": 10}))
+        expected = [
+            Store(data={"a": ARGS}),
+            compute(
+                ctask(
+                    "b",
+                    run_id=2 if pending == "processing" else 1,
+                    who_has={"a": [W1]},
+                    nbytes={"a": 10},
+                    send_result=True,
+                )
+            ),
+        ]
+        if pending == "processing":
+            expected.insert(0, FreeKeys(keys=["a"]))
+        assert out == {W1: expected}
+        assert s.states() == {"a": "memory", "b": "processing"}
+
+
 def test_scatter_without_matching_workers_does_nothing():
     s = Sched(W1)
     assert s(C1, Scatter(id=1, data={"x": ARGS}, nbytes={"x": 1}, workers=[W2])) == {}
@@ -937,12 +962,25 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.wanted[client].add(key)
             fn = self.specs[key].fn
             functions = {fn: FUNCTIONS[fn]} if fn is not None else {}
-            self.handle(client, UpdateGraph(tasks=[self.specs[key]], wanted=[key], functions=functions))
+            self.handle(
+                client, UpdateGraph(tasks=[self.specs[key]], wanted=[key], functions=functions)
+            )
 
     @precondition(lambda self: self.sim)
     @rule(client=st.sampled_from(CLIENTS), broadcast=st.booleans())
     def client_scatters(self, client, broadcast):
         key = self.fresh_key("s")
+        self.scatter_id += 1
+        self.wanted[client].add(key)
+        self.handle(
+            client,
+            Scatter(id=self.scatter_id, data={key: ARGS}, nbytes={key: 10}, broadcast=broadcast),
+        )
+
+    @precondition(lambda self: self.sim and self.s.tasks)
+    @rule(client=st.sampled_from(CLIENTS), data=st.data(), broadcast=st.booleans())
+    def client_scatters_over_a_known_key(self, client, data, broadcast):
+        key = data.draw(st.sampled_from(sorted(self.s.tasks)))
         self.scatter_id += 1
         self.wanted[client].add(key)
         self.handle(

@@ -399,6 +399,42 @@ def test_input_that_is_a_cancelled_run_that_fails_is_fetched():
     ]
 
 
+def test_data_stored_over_a_running_task_keeps_the_data_and_frees_the_thread():
+    """The scheduler scattered over a key running here: FreeKeys, then Store."""
+    w = Worker(nthreads=1, prefetch=0, resources={"GPU": 1})
+    w(ComputeEvent([ctask("k", resources={"GPU": 1})]))
+    w(FreeEvent(["k"]))
+    assert w(DataStored({"k": 3})) == []
+    assert w.states() == {"k": "memory"}
+    # The run ends: its thread and resources come back; the stored data stays.
+    assert w(ok("k")) == []
+    assert w.states() == {"k": "memory"}
+    assert w.state.executing == set() and w.state.available_resources == {"GPU": 1}
+    h = ctask("h", resources={"GPU": 1})
+    assert w(ComputeEvent([h])) == [Execute("h", h)]
+
+
+def test_data_stored_over_a_running_task_then_freed_still_frees_the_thread():
+    w = Worker(nthreads=1, prefetch=0, resources={"GPU": 1})
+    w(ComputeEvent([ctask("k", resources={"GPU": 1})]))
+    w(DataStored({"k": 3}))
+    assert w(FreeEvent(["k"])) == [ReleaseData(["k"])]
+    assert w(fail("k")) == []
+    assert w.state.executing == set() and w.state.available_resources == {"GPU": 1}
+    assert w.states() == {}
+
+
+def test_scatter_over_a_key_held_here_keeps_the_new_value():
+    """FreeKeys then Store for the same key arrive in one batch; the IO layer
+    stored the new value before the batch ran."""
+    w = Worker()
+    w(DataStored({"k": 3}))
+    out = w(FreeEvent(["k"]), DataStored({"k": 4}))
+    assert [k for i in out if isinstance(i, ReleaseData) for k in i.keys] == []
+    assert w.states() == {"k": "memory"}
+    assert w.state.tasks["k"].nbytes == 4
+
+
 def test_stale_results_are_ignored():
     w = Worker()
     assert w(ok("never-assigned")) == []
@@ -648,6 +684,16 @@ class WorkerMachine(RuleBasedStateMachine):
             return
         self.store[key] = 3
         self.handle(DataStored({key: 3}))
+
+    @precondition(lambda self: set(self.w.state.tasks) - self.needed())
+    @rule(data=st.data())
+    def scheduler_scatters_over_a_key(self, data):
+        """FreeKeys then Store of a key known here, in one batch (a task's key too)."""
+        key = data.draw(st.sampled_from(sorted(set(self.w.state.tasks) - self.needed())))
+        self.assigned.pop(key, None)
+        self.reports.pop(key, None)
+        self.store[key] = 3
+        self.handle(FreeEvent([key]), DataStored({key: 3}))
 
     @precondition(lambda self: any(self.peers.values()))
     @rule(data=st.data())

@@ -135,7 +135,10 @@ def test_scattering_over_a_running_key_keeps_the_state_sound(
     harness: Harness, corral_client: Client
 ) -> None:
     fut = corral_client.submit(_slow_identity, 1, key="running-key")
-    harness.wait_for(lambda: harness.scheduler.state.tasks["running-key"].state == "processing")
+    harness.wait_for(
+        lambda: getattr(harness.scheduler.state.tasks.get("running-key"), "state", None)
+        == "processing"
+    )
     peer = raw_client(harness)
     peer.send(
         {

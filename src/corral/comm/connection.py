@@ -36,6 +36,9 @@ logger = logging.getLogger("corral.comm")
 
 Handler = Callable[[list[Message]], None]
 
+#: Buffers larger than this reach the transport in pieces of this size.
+WRITE_CHUNK = 1024 * 1024
+
 #: Until a server has accepted the handshake, a peer may send only small
 #: messages: an unauthenticated stranger must not make it allocate big buffers.
 HANDSHAKE_MAX_FRAME_BYTES = 1024**2
@@ -62,6 +65,7 @@ class Connection(asyncio.BufferedProtocol):
             self._decoder = FrameDecoder(max_frame_bytes=max_frame_bytes)
         self._encoder = Encoder()
         self._outbox: list[Message] = []
+        self._write_queue: deque[memoryview] = deque()
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._flush_soon = False
         self._write_paused = False
@@ -80,6 +84,7 @@ class Connection(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = typing.cast(asyncio.Transport, transport)  # uvloop's too
+        self._transport.set_write_buffer_limits(high=4 * WRITE_CHUNK, low=WRITE_CHUNK)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -130,7 +135,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._outbox and self._flush_handle is None:
+        self._pump()
+        if self._outbox and self._flush_handle is None and not self._write_paused:
             self._flush()
 
     # -- receiving -----------------------------------------------------------------
@@ -236,8 +242,34 @@ class Connection(asyncio.BufferedProtocol):
             logger.exception("cannot encode messages for %s", self.peer)
             self.abort(f"cannot encode outgoing message: {exc!r}")
             return
+        queue = self._write_queue
         for buf in encode_frames(frames):
-            self._transport.write(buf)
+            view = memoryview(buf).cast("B")
+            if not queue and view.nbytes <= WRITE_CHUNK:
+                self._transport.write(view)
+            else:
+                queue.append(view)
+        if queue:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Hand queued large buffers to the transport a chunk at a time.
+
+        Transports copy what the socket does not take at once, and some
+        (asyncio's before Python 3.12) shift their whole buffer after every
+        send: feeding a 200 MB frame piecewise, as the transport drains, keeps
+        both costs bounded.
+        """
+        queue = self._write_queue
+        transport = self._transport
+        while queue and not self._write_paused and transport is not None:
+            view = queue[0]
+            if view.nbytes <= WRITE_CHUNK:
+                queue.popleft()
+                transport.write(view)
+            else:
+                transport.write(view[:WRITE_CHUNK])
+                queue[0] = view[WRITE_CHUNK:]
 
     @property
     def closed(self) -> bool:
@@ -262,6 +294,8 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is not None and not self._transport.is_closing():
             self._write_paused = False  # the transport keeps what it cannot send yet
             self._flush()
+            while self._write_queue:
+                self._transport.write(self._write_queue.popleft())
             self._transport.close()
 
     def abort(self, reason: str) -> None:
@@ -270,6 +304,7 @@ class Connection(asyncio.BufferedProtocol):
             self.close_reason = reason
             logger.warning("closing connection to %s: %s", self.peer, reason)
         self._outbox.clear()
+        self._write_queue.clear()
         if self._transport is not None:
             self._transport.abort()
 

@@ -507,6 +507,17 @@ class SchedulerState:
             self._move(ts, "memory")
             ts.who_wants.add(client)
             wanted.add(ts)
+            # Over a pending key: its dependents have it now, and it needs no inputs.
+            ts.waiting_on = set()
+            for dts in ts.dependents:
+                if dts.state == "waiting" and ts in dts.waiting_on:
+                    dts.waiting_on.discard(ts)
+                    if not dts.waiting_on:
+                        self._ready.append(dts)
+            for dep in ts.deps:
+                if ts in dep.waiters:
+                    dep.waiters.discard(ts)
+                    self._release_if_unneeded(dep)
 
     # -- workers -------------------------------------------------------------------
     def _worker_joined(self, source: str, reg: RegisterWorker) -> None:

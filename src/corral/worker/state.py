@@ -311,10 +311,9 @@ class WorkerState:
         heapq.heappush(self._ready, (ts.priority, next(self._order), ts))
 
     def _execute_success(self, ev: ExecuteSuccess) -> None:
-        ts = self.tasks.get(ev.key)
-        if ts is None or ts.spec is None or ts.state not in ("executing", "cancelled"):
+        ts = self._run_ended(ev.key)
+        if ts is None:
             return
-        self._finish_executing(ts)
         if ts.state == "cancelled":
             if ts.dependents:
                 # Local tasks wait for this key (computed elsewhere since): keep
@@ -345,10 +344,9 @@ class WorkerState:
         self._arrived(ts)
 
     def _execute_failure(self, ev: ExecuteFailure) -> None:
-        ts = self.tasks.get(ev.key)
-        if ts is None or ts.spec is None or ts.state not in ("executing", "cancelled"):
+        ts = self._run_ended(ev.key)
+        if ts is None:
             return
-        self._finish_executing(ts)
         if ts.state == "cancelled":
             if ts.dependents:
                 self._want_fetch(ts)  # local tasks wait for it: fetch it instead
@@ -365,6 +363,21 @@ class WorkerState:
         )
         # The scheduler frees errored keys; hold nothing for it meanwhile.
         self._forget(ts)
+
+    def _run_ended(self, key: str) -> WTask | None:
+        """Give back the thread and resources of ``key``'s run, however it ended.
+
+        Return its record if the result still matters: ``None`` for a run whose
+        record was stored over (scattered data) or dropped while it ran.
+        """
+        ts = self.tasks.get(key)
+        if ts is None or ts not in self.executing:
+            ts = next((t for t in self.executing if t.key == key), None)
+            if ts is not None:
+                self._finish_executing(ts)
+            return None
+        self._finish_executing(ts)
+        return ts if ts.state in ("executing", "cancelled") else None
 
     def _finish_executing(self, ts: WTask) -> None:
         self.executing.discard(ts)
@@ -395,10 +408,12 @@ class WorkerState:
                     self._want_fetch(ts, failed_holder=ev.peer)
                 else:
                     self._forget(ts)
-            elif ts.state == "cancelled-flight":
-                self._forget(ts)
+            else:
+                # Freed, stored or made a task here while in flight.
+                if ts.state == "cancelled-flight":
+                    self._forget(ts)
                 if ts.key in ev.received:
-                    # The key may have a newer record here since it was freed.
+                    # The IO layer stored it: keep it only for a record that wants it.
                     new = self.tasks.get(ts.key)
                     if new is not None and new.state in ("fetch", "flight", "missing"):
                         # Wanted again from elsewhere: it is here now.
@@ -432,6 +447,11 @@ class WorkerState:
                 # A fetch in flight for it finds it in memory and is ignored.
                 self._move(ts, "memory")
                 self._arrived(ts)
+        # The IO layer stored the values before this batch ran: a free earlier in
+        # the batch (a scatter over a key held here) must not drop them.
+        for i, inst in enumerate(self._out):
+            if type(inst) is ReleaseData and not nbytes.keys().isdisjoint(inst.keys):
+                self._out[i] = ReleaseData([k for k in inst.keys if k not in nbytes])
 
     def _update_who_has(self, who_has: dict[str, list[str]]) -> None:
         for key, holders in who_has.items():
@@ -566,7 +586,8 @@ class WorkerState:
     def validate(self) -> None:
         """Raise ``AssertionError`` if an invariant is broken."""
         for ts in self.executing:
-            assert ts.state in ("executing", "cancelled"), ts
+            # memory: data was stored for it while it ran; forgotten: then freed
+            assert ts.state in ("executing", "cancelled", "memory", "forgotten"), ts
         # No resource oversubscribed, no index held past its capacity.
         self.resource_pool.validate([(ts.resources or {}, ts.held) for ts in self.executing])
         assert len(self.executing) <= self.nthreads + self.prefetch
