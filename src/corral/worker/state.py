@@ -313,6 +313,10 @@ class WorkerState:
     def _execute_success(self, ev: ExecuteSuccess) -> None:
         ts = self._run_ended(ev.key)
         if ts is None:
+            # The IO layer stored the value: drop it unless the key is in memory here.
+            current = self.tasks.get(ev.key)
+            if current is None or current.state != "memory":
+                self._out.append(ReleaseData([ev.key]))
             return
         if ts.state == "cancelled":
             if ts.dependents:
