@@ -363,6 +363,17 @@ def test_worker_loss_reschedules_processing_and_recomputes_lost_results():
     ]
 
 
+def test_lost_wanted_key_is_announced_then_reported_again():
+    s = Sched(W1, W2)
+    submit(s, C1, [spec("a", workers=[W1], allow_other_workers=True)], ["a"])
+    s(W1, finished("a"))
+    out = s(W1, WorkerLeft(W1))
+    assert out == {C1: [KeyLost(key="a")], W2: [compute(ctask("a", run_id=2, send_result=True))]}
+    assert s(W2, finished("a", run_id=2)) == {
+        C1: [KeyInMemory(key="a", who_has=[W2], typename="int")]
+    }
+
+
 def test_worker_loss_recomputes_a_released_input_from_lineage():
     s = Sched(W1, W2)
     submit(s, C1, [spec("a", workers=[W1]), spec("b", "a", workers=[W1]), spec("c", "b")], ["c"])

@@ -111,7 +111,7 @@
           el("td", { class: "num" }, w.nthreads),
           el("td", { class: "num" }, (w.cpu || 0).toFixed(0) + "%"),
           el("td", {}, meter(w.memory, w.memory_limit, memText)),
-          el("td", { class: "num running" }, Math.min(w.executing, w.processing)),
+          el("td", { class: "num running" }, Math.min(w.executing, w.processing, w.nthreads)),
           el("td", { class: "num" }, w.processing),
           el("td", { class: "num" }, bytes(w.nbytes)),
           el("td", { class: "resources" }, ...(resources.length ? resources : [el("span", { class: "muted" }, "none")])),
@@ -135,7 +135,7 @@
       const pct = (n) => (total ? (100 * n) / total : 0).toFixed(2) + "%";
       const bar = el("div", { class: "bar", title: `${finished} of ${total} finished` },
         el("i", { class: "finished", style: `width:${pct(finished)};background:${color(g.name)}` }),
-        el("i", { class: "processing", style: `width:${pct(g.processing)}` }),
+        el("i", { class: "processing", style: `width:${pct(g.processing)};background:${color(g.name)}` }),
         el("i", { class: "waiting", style: `width:${pct(waiting)}` }),
         el("i", { class: "no-worker", style: `width:${pct(g["no-worker"])}` }),
         el("i", { class: "erred", style: `width:${pct(g.erred)}` }));
