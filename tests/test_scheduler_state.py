@@ -417,6 +417,18 @@ def test_task_on_three_workers_that_died_fails_with_killed_worker():
     assert s.tasks["b"].error is s.tasks["a"].error
 
 
+def test_killed_worker_frees_inputs_on_the_workers_left_only():
+    s = Sched(W1, W2, allowed_failures=1)
+    submit(s, C1, [spec("a", workers=[W1]), spec("b", "a", workers=[W1])], ["b"])
+    s(W1, finished("a"))
+    s(W2, AddKeys(nbytes={"a": 8}))
+    out = s(W1, WorkerLeft(W1))
+    # b failed; a, needed by nobody now, is freed on W2 and nothing goes to W1.
+    assert set(out) == {C1, W2}
+    assert out[W2] == [FreeKeys(keys=["a"])]
+    assert [m.error.typename for m in out[C1]] == ["KilledWorker"]
+
+
 def test_killed_worker_threshold_is_configurable():
     s = Sched(W1, W2, allowed_failures=1)
     submit(s, C1, [spec("a")], ["a"])

@@ -496,7 +496,9 @@ class WorkerMachine(RuleBasedStateMachine):
         self.totals: dict[str, float] = {}
         self.peers: dict[str, set[str]] = {p: set() for p in PEERS}
         self.store: dict[str, int] = {}
-        self.jobs: dict[str, tuple[int, dict[str, float]]] = {}  # key -> (run_id, demand)
+        # Runs in the thread pool: (key, run_id, demand).  A key may run twice
+        # at once when a record was dropped (stored over, then freed) mid-run.
+        self.jobs: list[tuple[str, int, dict[str, float]]] = []
         self.flights: dict[str, list[str]] = {}
         self.missing: set[str] = set()
         self.assigned: dict[str, ComputeTask] = {}  # not freed since its last Compute
@@ -528,14 +530,19 @@ class WorkerMachine(RuleBasedStateMachine):
 
     def used(self) -> dict[str, float]:
         used: dict[str, float] = {}
-        for _, demand in self.jobs.values():
+        for _, _, demand in self.jobs:
             for name, x in demand.items():
                 used[name] = used.get(name, 0) + x
         return used
 
     def carry_out(self, inst: Any) -> None:
         if isinstance(inst, Execute):
-            assert inst.key not in self.jobs, f"{inst.key} executed twice at once"
+            live = [
+                t
+                for t in self.w.state.executing
+                if t.key == inst.key and t.state in ("executing", "cancelled")
+            ]
+            assert len(live) == 1, f"{inst.key} executed twice at once"
             spec = self.assigned.get(inst.key)
             assert spec is not None and inst.spec.run_id == spec.run_id, inst
             for dep in inst.spec.who_has:
@@ -546,7 +553,7 @@ class WorkerMachine(RuleBasedStateMachine):
                 assert used.get(name, 0) + x <= self.totals.get(name, 0) + 1e-9, (
                     f"{name} oversubscribed starting {inst.key}: {used} + {demand}"
                 )
-            self.jobs[inst.key] = (inst.spec.run_id, demand)
+            self.jobs.append((inst.key, inst.spec.run_id, demand))
         elif isinstance(inst, Gather):
             assert inst.peer not in self.flights, f"two fetches from {inst.peer} at once"
             assert inst.keys
@@ -709,8 +716,8 @@ class WorkerMachine(RuleBasedStateMachine):
         self.peers[peer].discard(data.draw(st.sampled_from(sorted(self.peers[peer]))))
 
     # -- the IO layer ---------------------------------------------------------------
-    def finish_job(self, key: str, success: bool) -> None:
-        run_id, _ = self.jobs.pop(key)
+    def finish_job(self, index: int, success: bool) -> None:
+        key, run_id, _ = self.jobs.pop(index)
         if success:
             self.store[key] = 8
             self.handle(ok(key, run_id))
@@ -720,7 +727,7 @@ class WorkerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.jobs)
     @rule(data=st.data(), success=st.sampled_from([True, True, False]))
     def a_thread_finishes(self, data, success):
-        self.finish_job(data.draw(st.sampled_from(sorted(self.jobs))), success)
+        self.finish_job(data.draw(st.integers(0, len(self.jobs) - 1)), success)
 
     def finish_gather(self, peer: str, reachable: bool) -> None:
         keys = self.flights.pop(peer)
@@ -739,7 +746,7 @@ class WorkerMachine(RuleBasedStateMachine):
         if self.w is None:
             return
         ws = self.w.state
-        assert {ts.key for ts in ws.executing} == set(self.jobs)
+        assert sorted(ts.key for ts in ws.executing) == sorted(j[0] for j in self.jobs)
         assert set(ws.in_flight) == set(self.flights)
         used = self.used()
         for name, total in self.totals.items():
@@ -752,7 +759,7 @@ class WorkerMachine(RuleBasedStateMachine):
             return
         for _ in range(10_000):
             if self.jobs:
-                self.finish_job(sorted(self.jobs)[0], True)
+                self.finish_job(0, True)
             elif self.flights:
                 self.finish_gather(sorted(self.flights)[0], True)
             elif self.missing:

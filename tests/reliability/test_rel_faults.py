@@ -66,6 +66,8 @@ def test_async_client_sees_comm_closed_error() -> None:
                     await asyncio.wait_for(fut, 10)
                 with pytest.raises(corral.CommClosedError):
                     await c.scheduler_info()
+                with pytest.raises(corral.CommClosedError):  # answers that never come
+                    await asyncio.wait_for(c.run(time.time), 10)
 
         try:
             asyncio.run(main())

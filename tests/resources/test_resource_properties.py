@@ -35,6 +35,7 @@ from corral.protocol.messages import (
     KeyCancelled,
     KeyErred,
     KeyInMemory,
+    KeyLost,
     RegisterWorker,
     ReleaseKeys,
     SetResources,
@@ -127,6 +128,8 @@ class ResourceMachine(RuleBasedStateMachine):
                 for recipient, msgs in out.items():
                     if recipient == CLIENT:
                         for m in msgs:
+                            if isinstance(m, KeyLost):
+                                continue  # being recomputed: a final message follows
                             assert isinstance(m, KeyInMemory | KeyErred | KeyCancelled), m
                             self.last[m.key] = m
                     else:

@@ -404,6 +404,12 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             self._flush_scheduled = False
         if batch and self._conn is not None and not self._conn.closed:
             self._conn.send_many(batch)
+        elif batch and self.status == "lost":
+            # Sent after the scheduler went away: whoever waits for an answer
+            # (plugins, run, ...) gets the error now instead of waiting forever.
+            for fut in self._requests.values():
+                if not fut.done():
+                    fut.set_exception(CommClosedError(self._lost_reason or "no scheduler"))
 
     async def _request(self, method: str, **args: Any) -> Any:
         """Ask the scheduler a read-only question."""

@@ -926,7 +926,8 @@ class SchedulerState:
         for ws in ts.who_has:
             ws.has_what.discard(ts)
             ws.nbytes -= ts.nbytes
-            self._free(ws.address, ts.key)
+            if self.workers.get(ws.address) is ws:  # not to a worker leaving right now
+                self._free(ws.address, ts.key)
         ts.who_has.clear()
 
     def _forget_if_unneeded(self, root: TaskState) -> None:
