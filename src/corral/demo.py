@@ -97,7 +97,7 @@ def run_demo(n_workers: int = 2, tasks: int = 2000) -> None:
         leaves = 1024
         dsk: dict[object, object] = {("leaf", i): (square, i) for i in range(leaves)}
         level, width = 0, leaves
-        names = [("leaf", i) for i in range(leaves)]
+        names: list[tuple[object, ...]] = [("leaf", i) for i in range(leaves)]
         while width > 1:
             level += 1
             nxt = []

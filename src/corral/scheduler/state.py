@@ -423,10 +423,11 @@ class SchedulerState:
             if key in doomed:
                 self._send(client, KeyErred(key=key, error=doomed[key]))
                 continue
-            ts = self.tasks.get(key)
-            if ts is None:
+            wanted_ts = self.tasks.get(key)
+            if wanted_ts is None:
                 self._send(client, KeyCancelled(key=key, reason="unknown key", lost=True))
                 continue
+            ts = wanted_ts
             ts.who_wants.add(client)
             wanted.add(ts)
             if ts.state == "released":

@@ -217,7 +217,10 @@ def run_task(
         value = fn(*args, **kwargs)
         stop = time.time()
         result = None
-        if spec.send_result:
+        nbytes = sizeof(value)
+        # Only results that look small are serialized here (to travel inline);
+        # a large one is fetched by the client later, so it is not copied twice.
+        if spec.send_result and nbytes <= INLINE_RESULT_BYTES:
             try:
                 payload = serialize(value)
             except Exception as exc:
@@ -231,7 +234,7 @@ def run_task(
             ExecuteSuccess(
                 key=spec.key,
                 run_id=spec.run_id,
-                nbytes=sizeof(value),
+                nbytes=nbytes,
                 typename=type(value).__name__,
                 start=start,
                 stop=stop,
