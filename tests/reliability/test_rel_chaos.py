@@ -9,7 +9,7 @@ import threading
 import time
 from operator import add
 
-from conftest import corral_env, corral_process, poll, scheduler_thread
+from rel_support import corral_env, corral_process, poll, scheduler_thread
 
 from corral import Client
 

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import poll, scheduler_thread
+from rel_support import poll, scheduler_thread
 
 import corral
 from corral import Client, LocalCluster, Worker

@@ -7,7 +7,7 @@ import os
 import sys
 
 import pytest
-from conftest import corral_env, corral_process, poll, scheduler_thread
+from rel_support import corral_env, corral_process, poll, scheduler_thread
 
 from corral import Client
 from corral.protocol.messages import Compute, UpdateGraph

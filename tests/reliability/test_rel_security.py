@@ -14,7 +14,7 @@ import time
 
 import pytest
 from _certs import PKI
-from conftest import corral_env, corral_process, poll, scheduler_thread
+from rel_support import corral_env, corral_process, poll, scheduler_thread
 
 from corral import Client, LocalCluster, Security, Worker
 from corral._loop import LoopThread
