@@ -552,6 +552,22 @@ def test_scatter_over_a_pending_key_wakes_its_dependents():
         assert s.states() == {"a": "memory", "b": "processing"}
 
 
+def test_worker_holding_two_scattered_inputs_of_a_task_leaves():
+    """Losing the first fails the task, which releases the second mid-way."""
+    s = Sched(W1)
+    s(C1, Scatter(id=1, data={"x": ARGS, "y": ARGS}, nbytes={"x": 1, "y": 1}))
+    submit(s, C1, [spec("d", "x", "y")], ["d"])
+    s(C1, ReleaseKeys(keys=["x", "y"]))
+    assert s.states() == {"x": "memory", "y": "memory", "d": "processing"}
+    out = s(W1, WorkerLeft(W1))
+    assert set(out) == {C1}
+    ((msg,),) = out.values()
+    assert msg.key == "d" and msg.error.typename == "LostDataError"
+    assert s.states() == {"x": "released", "y": "released", "d": "erred"}
+    s(C1, ReleaseKeys(keys=["d"]))
+    assert s.tasks == {}
+
+
 def test_scatter_without_matching_workers_does_nothing():
     s = Sched(W1)
     assert s(C1, Scatter(id=1, data={"x": ARGS}, nbytes={"x": 1}, workers=[W2])) == {}
@@ -771,6 +787,7 @@ class SimWorker:
         self.resources = resources
         self.running: dict[str, ComputeTask] = {}
         self.held: dict[str, int] = {}
+        self.unreported: list[str] = []  # copies fetched, not yet told with AddKeys
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -797,14 +814,19 @@ class SchedulerMachine(RuleBasedStateMachine):
     def handle(self, source: str, *events: Any) -> None:
         out = self.s.handle(source, events)
         self.s.validate()
+        # Locations named in this batch, checked once every worker got its messages.
+        self.claims: list[tuple[str, str]] = []
+        for recipient, msgs in out.items():
+            if recipient not in CLIENTS:
+                assert recipient in self.sim, f"message to a worker not connected: {recipient}"
+                for m in msgs:
+                    self.to_worker(self.sim[recipient], m)
         for recipient, msgs in out.items():
             if recipient in CLIENTS:
                 for m in msgs:
                     self.to_client(recipient, m)
-            else:
-                assert recipient in self.sim, f"message to a worker not connected: {recipient}"
-                for m in msgs:
-                    self.to_worker(self.sim[recipient], m)
+        for key, address in self.claims:
+            assert key in self.sim[address].held, f"{address} said to hold {key}"
         self.check_views()
 
     def to_client(self, client: str, m: Any) -> None:
@@ -814,8 +836,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.last[client][m.key] = m
         if isinstance(m, KeyInMemory):
             assert m.who_has
-            for address in m.who_has:
-                assert m.key in self.sim[address].held, (m, address)
+            self.claims.extend((m.key, address) for address in m.who_has)
 
     def to_worker(self, w: SimWorker, m: Any) -> None:
         if isinstance(m, Compute):
@@ -833,8 +854,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                     assert w.address in ts_spec.workers
                 for dep, holders in t.who_has.items():
                     assert holders, f"{t.key} sent without a holder of {dep}"
-                    for h in holders:
-                        assert dep in self.sim[h].held, f"{h} said to hold {dep}"
+                    self.claims.extend((dep, h) for h in holders)
                 w.running[t.key] = t
         elif isinstance(m, FreeKeys):
             for key in m.keys:
@@ -925,6 +945,31 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             self.handle(address, erred(key, run_id))
 
+    @precondition(lambda self: len(self.sim) > 1 and any(w.held for w in self.sim.values()))
+    @rule(data=st.data())
+    def worker_fetches_a_copy(self, data):
+        """A copy made for some reason of the worker's own; reported later with AddKeys."""
+        held = sorted({k for w in self.sim.values() for k in w.held})
+        key = data.draw(st.sampled_from(held))
+        w = self.sim[data.draw(st.sampled_from(sorted(self.sim)))]
+        if key not in w.held:
+            w.held[key] = 10
+            w.unreported.append(key)
+
+    def report_copies(self, w: SimWorker) -> None:
+        keys, w.unreported = w.unreported, []
+        self.handle(w.address, AddKeys(nbytes={k: 10 for k in keys}))
+
+    @precondition(lambda self: any(w.unreported for w in self.sim.values()))
+    @rule(data=st.data())
+    def worker_reports_its_copies(self, data):
+        """Stale if the key was released (or lost and recomputed) meanwhile."""
+        self.report_copies(
+            self.sim[
+                data.draw(st.sampled_from(sorted(a for a, w in self.sim.items() if w.unreported)))
+            ]
+        )
+
     @precondition(lambda self: any(w.held for w in self.sim.values()))
     @rule(data=st.data())
     def holder_loses_a_replica(self, data):
@@ -933,6 +978,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         w = self.sim[data.draw(st.sampled_from(holding))]
         key = data.draw(st.sampled_from(sorted(w.held)))
         del w.held[key]
+        if key in w.unreported:
+            w.unreported.remove(key)
         reporter = data.draw(st.sampled_from(sorted(self.sim)))
         self.handle(reporter, MissingData(key=key, holder=w.address))
 
@@ -1047,6 +1094,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.leave(address, expected=True)
             if address not in self.sim:
                 self.join(address, FULL, nthreads=2)
+        for w in list(self.sim.values()):
+            if w.unreported:
+                self.report_copies(w)
         for _ in range(10_000):
             busy = sorted(a for a, w in self.sim.items() if w.running)
             if not busy:

@@ -244,6 +244,23 @@ def test_input_already_here_is_not_fetched():
     assert w(ComputeEvent([b])) == [Execute("b", b)]
 
 
+def test_an_input_queued_for_fetch_that_the_scheduler_says_nobody_holds_is_missing():
+    w = Worker()
+    w(ComputeEvent([ctask("t0", who_has={"y": [P2]}, nbytes={"y": 1})]))
+    w(ComputeEvent([ctask("t1", who_has={"x": [P1]}, nbytes={"x": 5})]))
+    w(GatherDone(P1, {}, ["x"]))
+    # A later task names P2 for x: queued behind the fetch of y from P2.
+    w(ComputeEvent([ctask("t2", who_has={"x": [P2]}, nbytes={"x": 5})]))
+    assert w.states()["x"] == "fetch"
+    # The answer to the MissingData: no holder at all.
+    assert w(UpdateWhoHas(who_has={"x": []})) == []
+    assert w.states()["x"] == "missing"
+    assert w(GatherDone(P2, {"y": 1}, [])) == [
+        SendToScheduler(AddKeys(nbytes={"y": 1})),
+        Execute("t0", ctask("t0", who_has={"y": [P2]}, nbytes={"y": 1})),
+    ]
+
+
 def test_a_missing_input_is_fetched_when_a_later_task_names_a_holder():
     w = Worker()
     t1 = ctask("t1", who_has={"x": [P1]}, nbytes={"x": 5})
@@ -277,6 +294,15 @@ def test_task_freed_twice_while_running_still_gives_its_thread_back():
     assert w.state.executing == set() and w.state.available_resources == {"GPU": 1}
     h = ctask("h", resources={"GPU": 1})
     assert w(ComputeEvent([h])) == [Execute("h", h)]
+
+
+def test_task_freed_twice_then_assigned_again_reuses_its_run():
+    w = Worker(nthreads=2, prefetch=0)
+    w(ComputeEvent([ctask("g", run_id=1)]))
+    w(FreeEvent(["g"]))
+    w(FreeEvent(["g"]))
+    assert w(ComputeEvent([ctask("g", run_id=2)])) == []  # not a second run of g
+    assert w(ok("g", run_id=1)) == [done("g", run_id=2)]
 
 
 def test_failed_run_of_a_freed_task_reports_nothing():
@@ -620,7 +646,8 @@ class WorkerMachine(RuleBasedStateMachine):
                 f"t{self.counter}",
                 run_id=self.counter,
                 who_has=who_has,
-                nbytes={k: 10 for k in who_has},
+                # Large inputs from one peer are split into several gathers.
+                nbytes={k: data.draw(st.sampled_from([10, 40 * 2**20])) for k in who_has},
                 # Unique priorities: the worker's choices do not hang on set order.
                 priority=[data.draw(st.integers(0, 3)), self.counter],
                 resources=demand,
@@ -628,6 +655,23 @@ class WorkerMachine(RuleBasedStateMachine):
             self.assigned[spec.key] = spec
             specs.append(spec)
         self.handle(ComputeEvent(specs))
+
+    def known_here(self) -> list[str]:
+        return sorted(set(self.w.state.tasks) - set(self.assigned) - self.needed())
+
+    @precondition(lambda self: self.known_here())
+    @rule(data=st.data())
+    def scheduler_assigns_a_key_known_here(self, data):
+        """A key held or being fetched here becomes a task here (the scheduler lost track)."""
+        key = data.draw(st.sampled_from(self.known_here()))
+        self.freed.discard(key)
+        for held in self.peers.values():
+            held.discard(key)
+        self.counter += 1
+        spec = ctask(key, run_id=self.counter, priority=[0, self.counter])
+        self.assigned[key] = spec
+        self.reports.pop(key, None)
+        self.handle(ComputeEvent([spec]))
 
     @precondition(lambda self: self.freed - self.needed())
     @rule(data=st.data())

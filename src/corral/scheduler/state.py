@@ -632,6 +632,8 @@ class SchedulerState:
             else:
                 self._requeue(ts)
         for ts in list(ws.has_what):
+            if ws not in ts.who_has:
+                continue  # released meanwhile (an input of a task that failed above)
             ts.who_has.discard(ws)
             if not ts.who_has:
                 self._lost(ts)

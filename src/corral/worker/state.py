@@ -602,3 +602,4 @@ class WorkerState:
                     assert dep.state in ("fetch", "flight", "missing", "cancelled"), (ts, dep)
             if ts.state == "fetch":
                 assert ts in self._fetch, ts
+                assert ts.who_has, f"{ts} to fetch from nobody"
