@@ -60,7 +60,9 @@ def _config() -> Any:
 
 
 def _run_until_signal(
-    start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]], finished: Callable[[], Awaitable[Any]]
+    start: Callable[[], Awaitable[Any]],
+    stop: Callable[[], Awaitable[Any]],
+    finished: Callable[[], Awaitable[Any]],
 ) -> None:
     """Start a service, serve until SIGTERM/SIGINT or until it finishes, then stop it."""
     loop = new_event_loop()
@@ -172,9 +174,14 @@ def main() -> None:
 
 
 @main.command(context_settings=_PRELOAD_CONTEXT)
-@click.option("--host", default=None, help="Interface to listen on [config scheduler.host: 127.0.0.1].")
 @click.option(
-    "--port", default=None, type=int, help=f"Port (0: any free one) [config scheduler.port: {DEFAULT_PORT}]."
+    "--host", default=None, help="Interface to listen on [config scheduler.host: 127.0.0.1]."
+)
+@click.option(
+    "--port",
+    default=None,
+    type=int,
+    help=f"Port (0: any free one) [config scheduler.port: {DEFAULT_PORT}].",
 )
 @click.option(
     "--dashboard-address",
@@ -236,7 +243,9 @@ def scheduler(
     version_check = cfg.get("scheduler.version-check", version_check)
     if dashboard is None:
         dashboard = bool(dashboard_address) or cfg["dashboard.enabled"]
-    dashboard_at: str | bool = cfg.get("dashboard.address", dashboard_address) if dashboard else False
+    dashboard_at: str | bool = (
+        cfg.get("dashboard.address", dashboard_address) if dashboard else False
+    )
     if dashboard_address is not None:
         from .config import parse_address
 
@@ -307,12 +316,17 @@ def _scheduler_info(address: str | None, scheduler_file: str | None) -> dict[str
 @click.argument("address", required=False)
 @click.option("--scheduler-file", default=None, help="Read the scheduler address from this file.")
 @click.option(
-    "--nthreads", default=None, type=int, help="Threads per worker process [config worker.nthreads]."
+    "--nthreads",
+    default=None,
+    type=int,
+    help="Threads per worker process [config worker.nthreads].",
 )
 @click.option("--nworkers", default=1, show_default=True, type=int, help="Worker processes.")
 @click.option("--name", default=None, help="Worker name (suffixed -i with several workers).")
 @click.option(
-    "--memory-limit", default=None, help="Bytes per worker, e.g. 4GB [config worker.memory-limit: auto]."
+    "--memory-limit",
+    default=None,
+    help="Bytes per worker, e.g. 4GB [config worker.memory-limit: auto].",
 )
 @click.option(
     "--resources",

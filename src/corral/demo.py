@@ -79,7 +79,10 @@ def run_demo(n_workers: int = 2, tasks: int = 2000) -> None:
     t0 = time.perf_counter()
     with Client(n_workers=n_workers, threads_per_worker=1) as client:
         info = client.scheduler_info()
-        say(f"Started a local cluster at {client.scheduler_address} in {time.perf_counter() - t0:.2f}s")
+        say(
+            f"Started a local cluster at {client.scheduler_address} "
+            f"in {time.perf_counter() - t0:.2f}s"
+        )
         for addr, w in info["workers"].items():
             say(f"  worker {w['name']:>3} at {addr}: {w['nthreads']} thread(s)")
         if client.dashboard_link:
@@ -90,7 +93,10 @@ def run_demo(n_workers: int = 2, tasks: int = 2000) -> None:
         total = sum(client.gather(futures))
         elapsed = time.perf_counter() - t
         assert total == sum(i * i for i in range(tasks))
-        say(f"map: {tasks} tasks -> sum of squares {total} in {elapsed:.2f}s ({tasks / elapsed:,.0f} tasks/s)")
+        say(
+            f"map: {tasks} tasks -> sum of squares {total} in {elapsed:.2f}s "
+            f"({tasks / elapsed:,.0f} tasks/s)"
+        )
         del futures
 
         t = time.perf_counter()
@@ -100,7 +106,7 @@ def run_demo(n_workers: int = 2, tasks: int = 2000) -> None:
         names: list[tuple[object, ...]] = [("leaf", i) for i in range(leaves)]
         while width > 1:
             level += 1
-            nxt = []
+            nxt: list[tuple[object, ...]] = []
             for i in range(0, width, 2):
                 key = ("add", level, i // 2)
                 dsk[key] = (operator.add, names[i], names[i + 1])
@@ -153,7 +159,10 @@ def run_demo(n_workers: int = 2, tasks: int = 2000) -> None:
             x = da.arange(1_000_000, chunks=100_000)
             t = time.perf_counter()
             mean = (x * 2).mean().compute(scheduler=client.get)
-            say(f"dask.array: (x * 2).mean() over 10 chunks = {mean} in {time.perf_counter() - t:.2f}s")
+            say(
+                f"dask.array: (x * 2).mean() over 10 chunks = {mean} "
+                f"in {time.perf_counter() - t:.2f}s"
+            )
         except ImportError:
             say("dask.array: dask is not installed, skipped")
     say(f"Closed the cluster. Total {time.perf_counter() - t0:.2f}s")

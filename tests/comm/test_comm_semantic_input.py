@@ -136,8 +136,9 @@ def test_scattering_over_a_running_key_keeps_the_state_sound(
 ) -> None:
     fut = corral_client.submit(_slow_identity, 1, key="running-key")
     harness.wait_for(
-        lambda: getattr(harness.scheduler.state.tasks.get("running-key"), "state", None)
-        == "processing"
+        lambda: (
+            getattr(harness.scheduler.state.tasks.get("running-key"), "state", None) == "processing"
+        )
     )
     peer = raw_client(harness)
     peer.send(

@@ -30,9 +30,9 @@ from ..protocol.messages import (
     Data,
     GetData,
     KeyCancelled,
-    KeyLost,
     KeyErred,
     KeyInMemory,
+    KeyLost,
     Message,
     ReleaseKeys,
     Reply,
@@ -342,7 +342,10 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             self._address,
             self._workers_for_repr(),
             self.dashboard_link,
-            {"status": self.status, "cluster": type(self.cluster).__name__ if self.cluster else "-"},
+            {
+                "status": self.status,
+                "cluster": type(self.cluster).__name__ if self.cluster else "-",
+            },
         )
 
     # -- futures bookkeeping -------------------------------------------------------
@@ -480,7 +483,9 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             self._functions[id(fn)] = (fn, fid, payload)
         return fid, payload
 
-    def _pack_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Payload, list[str]]:
+    def _pack_args(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Payload, list[str]]:
         deps: dict[str, None] = {}
 
         def walk(obj: Any) -> Any:
@@ -728,7 +733,13 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             opts, prio = annotated.get(k) or (options, base)
             specs.append(
                 TaskSpec(
-                    key=k, args=args, fn=fid, needs=needs, deps=deps, priority=[*prio, order], **opts
+                    key=k,
+                    args=args,
+                    fn=fid,
+                    needs=needs,
+                    deps=deps,
+                    priority=[*prio, order],
+                    **opts,
                 )
             )
         wanted = {stringify(k): k for k in keys}
@@ -958,7 +969,11 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         for fs in states:
             if fs.status != "finished" and errors == "raise":
                 raise fs.exception_to_raise()
-        need = [fs for fs in states if fs.status == "finished" and not fs.has_value and fs.payload is None]
+        need = [
+            fs
+            for fs in states
+            if fs.status == "finished" and not fs.has_value and fs.payload is None
+        ]
         if need:
             self._sync(self._fetch(need))
         values = {
@@ -980,7 +995,9 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         await self._fetch(done)
         return _rebuild(futures, {fs.key: fs.value for fs in done}, errors)
 
-    def scatter(self, data: Any, workers: Any = None, broadcast: bool = False, hash: bool = True) -> Any:
+    def scatter(
+        self, data: Any, workers: Any = None, broadcast: bool = False, hash: bool = True
+    ) -> Any:
         """Move local data to workers; return futures pointing at it.
 
         Example::
@@ -1134,7 +1151,9 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         """
         return self._sync(_as_tuples(self._request("get_logs", n=n)))
 
-    def get_worker_logs(self, n: int | None = None, workers: Any = None, nanny: bool = False) -> Any:
+    def get_worker_logs(
+        self, n: int | None = None, workers: Any = None, nanny: bool = False
+    ) -> Any:
         """Each worker process's last ``n`` log records: ``{address: [(level, text), ...]}``.
 
         ``workers``: addresses or names (default: every worker).  Asked through
@@ -1205,10 +1224,9 @@ def _iter_futures(obj: Any) -> Iterable[Future]:
     elif isinstance(obj, dict):
         for v in obj.values():
             yield from _iter_futures(v)
-    elif isinstance(obj, list | tuple | set | frozenset):
-        for v in obj:
-            yield from _iter_futures(v)
-    elif hasattr(obj, "__iter__") and not isinstance(obj, str | bytes):
+    elif isinstance(obj, list | tuple | set | frozenset) or (
+        hasattr(obj, "__iter__") and not isinstance(obj, str | bytes)
+    ):
         for v in obj:
             yield from _iter_futures(v)
 
@@ -1230,7 +1248,11 @@ def _rebuild(obj: Any, values: dict[str, Any], errors: str) -> Any:
         ]
         return type(obj)(items)
     if hasattr(obj, "__iter__") and not isinstance(obj, str | bytes):
-        return [_rebuild(v, values, errors) for v in obj if not (isinstance(v, Future) and v.key not in values)]
+        return [
+            _rebuild(v, values, errors)
+            for v in obj
+            if not (isinstance(v, Future) and v.key not in values)
+        ]
     return obj
 
 
@@ -1244,7 +1266,11 @@ def _scatter_result(client: Client, data: Any, names: dict[Any, str], single: bo
         return futures[None]
     if isinstance(data, dict):
         return futures
-    return type(data)(futures[i] for i in range(len(futures))) if not isinstance(data, set | frozenset) else list(futures.values())
+    return (
+        type(data)(futures[i] for i in range(len(futures)))
+        if not isinstance(data, set | frozenset)
+        else list(futures.values())
+    )
 
 
 def _call_time_annotations() -> dict[str, Any]:
@@ -1278,7 +1304,9 @@ def _annotated_options(
     if "retries" in annotations:
         r = annotations["retries"]
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise ValueError(f"retries annotation of {key!r} must be a non-negative integer, got {r!r}")
+            raise ValueError(
+                f"retries annotation of {key!r} must be a non-negative integer, got {r!r}"
+            )
         opts["retries"] = r
     if "priority" in annotations:
         p = annotations["priority"]

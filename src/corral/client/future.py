@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import os
 import threading
@@ -39,6 +40,7 @@ def _callback_executor() -> concurrent.futures.ThreadPoolExecutor:
             _callbacks = (os.getpid(), pool)
         return _callbacks[1]
 
+
 _KNOWN_ERRORS: dict[str, type[Exception]] = {
     "KilledWorker": KilledWorker,
     "LostDataError": LostDataError,
@@ -62,10 +64,8 @@ def rebuild_error(error: ErrorInfo, key: str | None = None) -> BaseException:
         else:
             exc = RemoteError(error.typename, error.message, error.traceback_text)
     if error.traceback is not None:
-        try:
+        with contextlib.suppress(Exception):  # a traceback is a nicety, never a new failure
             exc = exc.with_traceback(deserialize(error.traceback))
-        except Exception:
-            pass
     if error.traceback_text and exc.__cause__ is None:
         exc.__cause__ = RemoteTraceback(f"\n\nRemote traceback:\n{error.traceback_text}")
     return exc
@@ -367,10 +367,8 @@ class Future:
         except AttributeError:
             return
         if state is not None:
-            try:
+            with contextlib.suppress(Exception):  # interpreter shutdown, closed loop
                 self._client._release(state)
-            except Exception:  # interpreter shutdown, closed loop
-                pass
 
     def __reduce__(self) -> Any:
         raise TypeError(

@@ -88,7 +88,9 @@ def graph_to_tasks(
         node = _refs_for_futures(node)
         dep_map = {dep: Ref(stringify(dep)) for dep in node.dependencies}
         args, _ = table.dumps(((node, dep_map), {}))
-        tasks.append((skey, args, [stringify(d) for d in node.dependencies], priorities.get(key, i)))
+        tasks.append(
+            (skey, args, [stringify(d) for d in node.dependencies], priorities.get(key, i))
+        )
     for _, _, deps, _ in tasks:
         for d in deps:
             if d not in defined:

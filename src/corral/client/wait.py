@@ -43,7 +43,9 @@ def wait(
     """
     futures = {fs} if isinstance(fs, Future) else set(fs)
     if return_when not in (ALL_COMPLETED, FIRST_COMPLETED):
-        raise ValueError(f"return_when must be ALL_COMPLETED or FIRST_COMPLETED, not {return_when!r}")
+        raise ValueError(
+            f"return_when must be ALL_COMPLETED or FIRST_COMPLETED, not {return_when!r}"
+        )
     if not futures:
         return DoneAndNotDoneFutures(set(), set())
     client = next(iter(futures)).client
@@ -54,7 +56,9 @@ def wait(
         for f in futures:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not f._state.wait(remaining):
-                raise TimeoutError(f"{len(_split(futures).not_done)} futures not done within {timeout}s")
+                raise TimeoutError(
+                    f"{len(_split(futures).not_done)} futures not done within {timeout}s"
+                )
         return _split(futures)
     event = threading.Event()
     for f in futures:
@@ -66,7 +70,9 @@ def wait(
     return _split(futures)
 
 
-async def _wait_async(futures: set[Future], timeout: float | None, return_when: str) -> DoneAndNotDoneFutures:
+async def _wait_async(
+    futures: set[Future], timeout: float | None, return_when: str
+) -> DoneAndNotDoneFutures:
     waits = [asyncio.ensure_future(f._state.wait_async()) for f in futures]
     mode = asyncio.ALL_COMPLETED if return_when == ALL_COMPLETED else asyncio.FIRST_COMPLETED
     done, pending = await asyncio.wait(waits, timeout=timeout, return_when=mode)
@@ -77,7 +83,7 @@ async def _wait_async(futures: set[Future], timeout: float | None, return_when: 
     return _split(futures)
 
 
-class as_completed:  # noqa: N801 - dask.distributed's name
+class as_completed:
     """Iterate over futures in the order they finish; more can be added meanwhile.
 
     Example::
@@ -86,7 +92,9 @@ class as_completed:  # noqa: N801 - dask.distributed's name
             print(future.key, result)
     """
 
-    def __init__(self, futures: Iterable[Future] = (), with_results: bool = False, raise_errors: bool = True):
+    def __init__(
+        self, futures: Iterable[Future] = (), with_results: bool = False, raise_errors: bool = True
+    ):
         self.with_results = with_results
         self.raise_errors = raise_errors
         self._queue: queue.SimpleQueue[Future] = queue.SimpleQueue()

@@ -92,8 +92,10 @@ class LocalCluster:
     ) -> None:
         default_n, default_t = default_sizing()
         if n_workers is None:
-            n_workers = default_n if threads_per_worker is None else max(
-                1, (os.cpu_count() or 1) // threads_per_worker
+            n_workers = (
+                default_n
+                if threads_per_worker is None
+                else max(1, (os.cpu_count() or 1) // threads_per_worker)
             )
         self.n_workers = n_workers
         self.threads_per_worker = threads_per_worker or (default_t if n_workers == default_n else 1)
@@ -378,7 +380,9 @@ class LocalCluster:
                     current = len(self._worker_procs) + len(self._workers)
                     await asyncio.gather(*(self._start_worker(i) for i in range(current, n)))
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{have} of {n} workers connected after {self.startup_timeout}s")
+                    raise TimeoutError(
+                        f"{have} of {n} workers connected after {self.startup_timeout}s"
+                    )
                 await asyncio.sleep(0.02)
         finally:
             conn.close()

@@ -944,7 +944,7 @@ class RestartWorkers(Message):
 
 @record
 class RestartWorker(Message):
-    """Scheduler -> worker: leave (``unregister``) and exit so your supervisor starts a fresh process."""
+    """Scheduler -> worker: leave (``unregister``) and exit; the supervisor starts afresh."""
 
     op: ClassVar[str] = "restart_worker"
     reason: str = ""

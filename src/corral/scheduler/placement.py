@@ -103,7 +103,9 @@ def choose_worker(ts: TaskState, workers: dict[str, WorkerInfo]) -> WorkerInfo |
         return None
     if not (ts.workers or ts.resources or ts.runtime or ts.deps or ts.environment):
         # The hot path of a plain ``map``: least loaded Python worker.
-        return min((ws for ws in workers.values() if ws.runtime == "python"), key=_load, default=None)
+        return min(
+            (ws for ws in workers.values() if ws.runtime == "python"), key=_load, default=None
+        )
     pool = candidates(ts, workers)
     if not pool:
         return None

@@ -459,7 +459,9 @@ class Scheduler:
             out = self.state.handle(source, events)
         except Exception:
             # A bug in the state machine must not take the scheduler down silently.
-            logger.exception("scheduler state failed handling %d events from %s", len(events), source)
+            logger.exception(
+                "scheduler state failed handling %d events from %s", len(events), source
+            )
             raise
         for recipient, msgs in out.items():
             conn = self._streams.get(recipient)

@@ -242,7 +242,7 @@ def run_task(
             ),
             value,
         )
-    except BaseException as exc:  # noqa: BLE001 - every failure is the task's error
+    except BaseException as exc:
         return (
             ExecuteFailure(
                 key=spec.key,

@@ -179,7 +179,9 @@ class Worker:
             ssl_context=tls,
         )
         port = self._server.sockets[0].getsockname()[1]
-        advertised = listen_host if listen_host not in ("0.0.0.0", "::") else _outbound_ip(sched_host)
+        advertised = (
+            listen_host if listen_host not in ("0.0.0.0", "::") else _outbound_ip(sched_host)
+        )
         self.address = format_address(advertised, port, "tls" if tls else "tcp")
         warn_if_exposed("worker", listen_host, token=self.token, security=self.security)
         if self.name is None:
@@ -202,7 +204,9 @@ class Worker:
         if self.memory_limit > 0:
             self._spawn(self._memory_monitor())
         self.status = "running"
-        logger.info("worker %s (%s) connected to %s", self.name, self.address, self.scheduler_address)
+        logger.info(
+            "worker %s (%s) connected to %s", self.name, self.address, self.scheduler_address
+        )
         return self
 
     async def _connect(self) -> None:

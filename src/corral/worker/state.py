@@ -330,6 +330,7 @@ class WorkerState:
             self._forget(ts)
             self._out.append(ReleaseData([ts.key]))
             return
+        assert ts.spec is not None  # only assigned tasks run
         ts.nbytes = ev.nbytes
         self._move(ts, "memory")
         self._out.append(
@@ -357,6 +358,7 @@ class WorkerState:
                 return
             self._forget(ts)
             return
+        assert ts.spec is not None  # only assigned tasks run
         self._move(ts, "error")
         self._out.append(
             SendToScheduler(
