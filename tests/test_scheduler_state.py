@@ -5,6 +5,10 @@ the exact messages it answers with (h11 style).  The property test drives it
 with random graphs, clients and workers joining and leaving, and a simulated
 execution loop, checking ``validate()`` after every stimulus and the
 end-to-end promises at quiescence.
+
+The property test is derandomized (the same examples every run).  To search
+harder: ``CORRAL_STATE_EXAMPLES=3000`` (more examples) and
+``CORRAL_STATE_RANDOM=1`` (fresh random examples each run).
 """
 
 from __future__ import annotations

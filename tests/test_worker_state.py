@@ -5,6 +5,10 @@ instructions it answers with.  The property test drives it with random
 compute batches, resource demands, completion orders, fetches that succeed,
 miss or fail, and frees, checking ``validate()`` after every stimulus and the
 promises at quiescence.
+
+The property test is derandomized (the same examples every run).  To search
+harder: ``CORRAL_STATE_EXAMPLES=3000`` (more examples) and
+``CORRAL_STATE_RANDOM=1`` (fresh random examples each run).
 """
 
 from __future__ import annotations

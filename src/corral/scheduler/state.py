@@ -492,13 +492,7 @@ class SchedulerState:
                 ts = self.tasks[key] = TaskState(key)
             elif ts.state != "released":
                 self._release_data(ts)
-                if ts.state == "processing":
-                    worker = ts.processing_on
-                    self._unassign(ts)
-                    if worker is not None:
-                        self._free(worker.address, ts.key)
-                elif ts.state == "no-worker":
-                    self.unrunnable.pop(ts, None)
+                self._take_back(ts)
                 if ts.state != "released":
                     self._move(ts, "released")
             ts.nbytes = msg.nbytes.get(key, 0)
@@ -658,10 +652,7 @@ class SchedulerState:
         for dts in ts.dependents:
             if dts.state == "processing":
                 # Its input vanished: take it back and wait for the recomputation.
-                worker = dts.processing_on
-                self._unassign(dts)
-                if worker is not None:
-                    self._free(worker.address, dts.key)
+                self._take_back(dts)
                 self._move(dts, "waiting")
                 dts.waiting_on = {d for d in dts.deps if d.state != "memory"}
             elif dts.state in ("waiting", "no-worker"):
@@ -820,13 +811,7 @@ class SchedulerState:
             if t.state in ("erred", "memory"):
                 continue
             failed.append(t)
-            if t.state == "processing":
-                worker = t.processing_on
-                self._unassign(t)
-                if worker is not None:
-                    self._free(worker.address, t.key)
-            if t.state == "no-worker":
-                self.unrunnable.pop(t, None)
+            self._take_back(t)
             self._move(t, "erred")
             t.error = error
             t.waiting_on = set()
@@ -846,6 +831,16 @@ class SchedulerState:
             ts.who_has.add(ws)
             ws.has_what.add(ts)
             ws.nbytes += ts.nbytes
+
+    def _take_back(self, ts: TaskState) -> None:
+        """Stop a task running (its worker drops it) or waiting for a worker."""
+        if ts.state == "processing":
+            worker = ts.processing_on
+            self._unassign(ts)
+            if worker is not None:
+                self._free(worker.address, ts.key)
+        elif ts.state == "no-worker":
+            self.unrunnable.pop(ts, None)
 
     def _unassign(self, ts: TaskState) -> None:
         ws = ts.processing_on
@@ -909,13 +904,8 @@ class SchedulerState:
                 continue
             if ts.state == "memory":
                 self._release_data(ts)
-            elif ts.state == "processing":
-                worker = ts.processing_on
-                self._unassign(ts)
-                if worker is not None:
-                    self._free(worker.address, ts.key)
-            elif ts.state == "no-worker":
-                self.unrunnable.pop(ts, None)
+            else:
+                self._take_back(ts)
             ts.waiting_on = set()
             ts.error = None
             self._move(ts, "released")
