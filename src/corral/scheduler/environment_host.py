@@ -20,7 +20,6 @@ The :class:`~corral.scheduler.server.Scheduler` owns one :class:`EnvironmentHost
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import uuid
 from collections.abc import Callable
@@ -30,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from ..protocol.messages import (
     CheckEnvironment,
     EnvironmentStatus,
-    ErrorInfo,
     Message,
     Outcome,
     RefreshWorkerEnvironment,
@@ -42,6 +40,7 @@ from ..protocol.messages import (
 from ..protocol.serialize import Payload, serialize
 from ..worker.execution import error_info
 from .state import EnvironmentRegistered, EnvironmentUnregistered
+from .worker_answers import Done, WorkerAnswers
 
 if TYPE_CHECKING:
     from ..comm import Connection
@@ -68,25 +67,13 @@ class EnvironmentEntry:
     client: str
 
 
-class _Asked:
-    """Answers expected from some workers for one scheduler-side request id."""
-
-    __slots__ = ("done", "outcomes", "waiting")
-
-    def __init__(self, waiting: set[str], done: Callable[[dict[str, Outcome]], None]) -> None:
-        self.waiting = waiting
-        self.outcomes: dict[str, Outcome] = {}
-        self.done = done
-
-
 class EnvironmentHost:
     """Worker environments of one scheduler."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.entries: dict[str, EnvironmentEntry] = {}
-        self._pending: dict[int, _Asked] = {}
-        self._ids = itertools.count(1)
+        self._answers = WorkerAnswers(scheduler)
 
     # -- read-only -----------------------------------------------------------------
     def environments(self) -> dict[str, list[str]]:
@@ -101,9 +88,7 @@ class EnvironmentHost:
     def worker_joining(self, address: str, conn: Connection) -> None:
         """Ask a joining worker to check every registered environment (in registration order)."""
         for entry in self.entries.values():
-            sid = next(self._ids)
-            self._pending[sid] = _Asked({address}, _ignore)
-            conn.send(self._check(sid, entry))
+            conn.send(self._check(self._answers.expect({address}, _ignore), entry))
 
     def worker_status(self, address: str, msg: EnvironmentStatus) -> None:
         """A worker's ``environment_status`` (the state machine has handled it already)."""
@@ -111,25 +96,18 @@ class EnvironmentHost:
             self._record_failure(address, msg)
         if msg.id is None:
             return
-        asked = self._pending.get(msg.id)
-        if asked is None or address not in asked.waiting:
+        if not self._answers.awaits(msg.id, address):
             return
         result = serialize({"member": msg.member, "stage": msg.stage}, "msgpack")
         error = msg.error
         if error is not None:
             header = f"worker environment {msg.name!r}: {msg.stage} failed on {address}\n"
             error = dataclasses.replace(error, traceback_text=header + error.traceback_text)
-        self._answer(msg.id, address, Outcome(result=result, error=error))
+        self._answers.answer(msg.id, address, Outcome(result=result, error=error))
 
     def worker_left(self, address: str) -> None:
         """Answers a leaving worker still owed arrive as errors."""
-        for sid, asked in list(self._pending.items()):
-            if address in asked.waiting:
-                error = ErrorInfo(
-                    typename="CommClosedError",
-                    message=f"worker {address} left before it answered",
-                )
-                self._answer(sid, address, Outcome(error=error))
+        self._answers.worker_left(address)
 
     def _record_failure(self, address: str, msg: EnvironmentStatus) -> None:
         err = msg.error
@@ -155,37 +133,9 @@ class EnvironmentHost:
             },
         )
 
-    def _answer(self, sid: int, address: str, outcome: Outcome) -> None:
-        asked = self._pending.get(sid)
-        if asked is None or address not in asked.waiting:
-            return
-        asked.waiting.discard(address)
-        asked.outcomes[address] = outcome
-        if not asked.waiting:
-            del self._pending[sid]
-            try:
-                asked.done(asked.outcomes)
-            except Exception:
-                logger.exception("handling the answers of workers failed")
-
-    def _ask_workers(
-        self,
-        make: Callable[[int], Message],
-        done: Callable[[dict[str, Outcome]], None],
-    ) -> None:
+    def _ask_workers(self, make: Callable[[int], Message], done: Done) -> None:
         """Send ``make(sid)`` to every current worker; ``done(outcomes)`` once all answered."""
-        streams = self.scheduler._streams
-        targets = [
-            a for a in self.scheduler.state.workers if a in streams and not streams[a].closed
-        ]
-        if not targets:
-            done({})
-            return
-        sid = next(self._ids)
-        self._pending[sid] = _Asked(set(targets), done)
-        msg = make(sid)
-        for address in targets:
-            streams[address].send(msg)
+        self._answers.ask(list(self.scheduler.state.workers), make, done)
 
     @staticmethod
     def _check(sid: int, entry: EnvironmentEntry) -> CheckEnvironment:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import time
 import uuid
@@ -38,7 +37,6 @@ from ..plugins import (
 )
 from ..preload import PreloadError, Preloads
 from ..protocol.messages import (
-    ErrorInfo,
     Message,
     Outcome,
     RegisterSchedulerPlugin,
@@ -58,6 +56,7 @@ from ..protocol.messages import (
 from ..protocol.serialize import Payload, deserialize
 from ..worker.execution import error_info
 from .state import ClientJoined, ClientLeft, WorkerLeft
+from .worker_answers import Done, WorkerAnswers
 
 if TYPE_CHECKING:
     from ..comm import Connection
@@ -90,23 +89,6 @@ class WorkerPluginEntry:
     registration: str
 
 
-class _Gathering:
-    """Answers expected from some workers for one scheduler-side request id."""
-
-    __slots__ = ("done", "outcomes", "waiting")
-
-    def __init__(self, waiting: set[str], done: Callable[[dict[str, Outcome]], None]) -> None:
-        self.waiting = waiting
-        self.outcomes: dict[str, Outcome] = {}
-        self.done = done
-
-
-def _left_error(address: str) -> ErrorInfo:
-    return ErrorInfo(
-        typename="CommClosedError", message=f"worker {address} left before it answered"
-    )
-
-
 class PluginHost:
     """Plugins, preloads, run requests and events of one scheduler."""
 
@@ -124,11 +106,10 @@ class PluginHost:
         self.hooks = HookRunner(logger, on_error=self._hook_failed)
         self._hooks: dict[str, set[str]] = {}  # plugin name -> hooks it implements
         self._by_hook: dict[str, list[tuple[str, Any]]] = {}  # hook -> [(name, plugin)]
-        self._pending: dict[int, _Gathering] = {}
+        self._answers = WorkerAnswers(scheduler)
         # Joining workers whose plugin setups are still running: address ->
         # [setups left, callbacks to call once none is left] (see when_set_up).
         self._joining: dict[str, list[Any]] = {}
-        self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -311,8 +292,7 @@ class PluginHost:
         if entries:
             self._joining[address] = [len(entries), []]
         for entry in entries:
-            sid = next(self._ids)
-            self._pending[sid] = _Gathering(
+            sid = self._answers.expect(
                 {address}, functools.partial(self._joined_setup_done, entry.name)
             )
             conn.send(
@@ -363,45 +343,17 @@ class PluginHost:
 
     def worker_left(self, address: str) -> None:
         """Answers a leaving worker still owed arrive as errors."""
-        for sid, gathering in list(self._pending.items()):
-            if address in gathering.waiting:
-                self._answer(sid, address, Outcome(error=_left_error(address)))
+        self._answers.worker_left(address)
 
     def worker_result(self, address: str, msg: WorkerResult) -> None:
         """A worker answered a request sent from here."""
-        self._answer(msg.id, address, msg.outcome)
-
-    def _answer(self, sid: int, address: str, outcome: Outcome) -> None:
-        gathering = self._pending.get(sid)
-        if gathering is None or address not in gathering.waiting:
-            return
-        gathering.waiting.discard(address)
-        gathering.outcomes[address] = outcome
-        if not gathering.waiting:
-            del self._pending[sid]
-            try:
-                gathering.done(gathering.outcomes)
-            except Exception:
-                logger.exception("handling the answers of workers failed")
+        self._answers.answer(msg.id, address, msg.outcome)
 
     def _ask_workers(
-        self,
-        addresses: list[str],
-        make: Callable[[int], Message],
-        done: Callable[[dict[str, Outcome]], None],
+        self, addresses: list[str], make: Callable[[int], Message], done: Done
     ) -> None:
         """Send ``make(sid)`` to each worker; call ``done(outcomes)`` once all answered."""
-        streams = self.scheduler._streams
-        targets = [a for a in addresses if a in streams and not streams[a].closed]
-        if not targets:
-            done({})
-            return
-        sid = next(self._ids)
-        gathering = _Gathering(set(targets), done)
-        self._pending[sid] = gathering
-        msg = make(sid)
-        for address in targets:
-            streams[address].send(msg)
+        self._answers.ask(addresses, make, done)
 
     # -- client ops ----------------------------------------------------------------
     def handle_client(self, client_id: str, conn: Connection, msg: Message) -> None:
