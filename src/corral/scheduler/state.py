@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,26 @@ _PENDING = frozenset({"waiting", "no-worker", "processing"})
 
 DEFAULT_DURATION = 0.5  # seconds assumed for a task prefix never seen finishing
 
+_NONE: frozenset[Any] = frozenset()
+
+
+def _grow(items: AbstractSet[Any], item: Any) -> set[Any]:
+    """Add ``item`` to a task's lazily created set and return the set to keep."""
+    if type(items) is set:
+        items.add(item)
+        return items
+    return {*items, item}
+
+
+def _shrink(items: AbstractSet[Any], item: Any) -> AbstractSet[Any]:
+    """Remove ``item`` from a task's lazily created set; return the set to keep."""
+    if type(items) is set:
+        items.discard(item)
+        return items
+    if item in items:  # a shared frozen singleton (see TaskState.alone)
+        return _NONE if len(items) == 1 else set(items) - {item}
+    return items
+
 
 class InvalidTransition(RuntimeError):
     """A transition not in :data:`TRANSITIONS` was attempted."""
@@ -79,6 +101,7 @@ class TaskState:
     """The scheduler's record of one task."""
 
     __slots__ = (
+        "_alone",
         "allow_other_workers",
         "args",
         "dependents",
@@ -114,11 +137,14 @@ class TaskState:
         self.fn = fn
         self.needs: list[str] | None = None
         self.deps: tuple[TaskState, ...] = ()
-        self.dependents: set[TaskState] = set()
-        self.waiting_on: set[TaskState] = set()
-        self.waiters: set[TaskState] = set()
-        self.who_has: set[WorkerInfo] = set()
-        self.who_wants: set[str] = set()
+        # The five sets start as the shared empty frozenset and become real sets
+        # on their first item (see _grow): most of a big graph's tasks sit
+        # pending with most of them empty, and an empty set costs 216 bytes.
+        self.dependents: AbstractSet[TaskState] = _NONE
+        self.waiting_on: AbstractSet[TaskState] = _NONE
+        self.waiters: AbstractSet[TaskState] = _NONE
+        self.who_has: AbstractSet[WorkerInfo] = _NONE
+        self.who_wants: AbstractSet[str] = _NONE
         self.processing_on: WorkerInfo | None = None
         self.priority: tuple[Any, ...] = ()
         self.resources: dict[str, float] | None = None
@@ -134,6 +160,17 @@ class TaskState:
         self.runtime: str | None = None
         self.environment: list[str] | None = None
         self.prefix = key_prefix(key)
+        self._alone: frozenset[TaskState] | None = None
+
+    def alone(self) -> frozenset[TaskState]:
+        """A frozen set holding just this task, shared by every dependent waiting on it alone.
+
+        Many tasks waiting on one input (a map over a gate, a fan-out) then
+        share one set instead of holding 216 bytes each.
+        """
+        if self._alone is None:
+            self._alone = frozenset((self,))
+        return self._alone
 
     def functions_used(self) -> list[str]:
         """Ids of the function payloads this task needs on its worker."""
@@ -201,7 +238,8 @@ _PREFIX = re.compile(r"""\(?['"]?([^-',"() ]*)""")
 def key_prefix(key: str) -> str:
     """The group a key belongs to: ``inc-1a2b`` -> ``inc``, ``('x', 0)`` -> ``x``."""
     match = _PREFIX.match(key)
-    return (match.group(1) if match else "") or key
+    # Interned: every task of a map shares its prefix, so one copy serves all.
+    return sys.intern((match.group(1) if match else "") or key)
 
 
 # Internal events produced by the IO layer -------------------------------------------
@@ -265,6 +303,9 @@ class SchedulerState:
         self.function_refs: dict[str, int] = {}
         self.unrunnable: dict[TaskState, None] = {}
         self.paused: set[str] = set()  # addresses of paused workers (memory)
+        # client -> frozenset({client}): what ``who_wants`` holds for the (usual)
+        # task wanted by one client, shared instead of a set per task.
+        self._only_client: dict[str, frozenset[str]] = {}
         # Registered worker environments: name -> current registration id.
         self.environments: dict[str, str] = {}
         self.allowed_failures = allowed_failures
@@ -344,11 +385,21 @@ class SchedulerState:
         self.clients.setdefault(event.client, set())
 
     def _client_left(self, client: str, event: ClientLeft) -> None:
+        self._only_client.pop(event.client, None)
         wanted = self.clients.pop(event.client, set())
         for ts in wanted:
-            ts.who_wants.discard(event.client)
+            ts.who_wants = _shrink(ts.who_wants, event.client)
         for ts in wanted:
             self._release_if_unneeded(ts)
+
+    def _want(self, ts: TaskState, client: str) -> None:
+        if ts.who_wants:
+            ts.who_wants = _grow(ts.who_wants, client)
+        else:
+            only = self._only_client.get(client)
+            if only is None:
+                only = self._only_client[client] = frozenset((client,))
+            ts.who_wants = only
 
     def _update_graph(self, client: str, msg: UpdateGraph) -> None:
         wanted = self.clients.setdefault(client, set())
@@ -390,7 +441,7 @@ class SchedulerState:
                     missing_deps.append((ts, dk))
                     continue
                 deps.append(dep)
-                dep.dependents.add(ts)
+                dep.dependents = _grow(dep.dependents, ts)
             ts.deps = tuple(deps)
         # A task with an unknown input can never run, nor can anything built on
         # it: their records are dropped (no later graph may run them without the
@@ -428,7 +479,7 @@ class SchedulerState:
                 self._send(client, KeyCancelled(key=key, reason="unknown key", lost=True))
                 continue
             ts = wanted_ts
-            ts.who_wants.add(client)
+            self._want(ts, client)
             wanted.add(ts)
             if ts.state == "released":
                 self._make_waiting(ts)
@@ -438,7 +489,7 @@ class SchedulerState:
                 assert ts.error is not None
                 self._send(client, KeyErred(key=ts.key, error=ts.error))
         for ts in orphans:
-            ts.dependents.clear()  # all doomed too
+            ts.dependents = _NONE  # all doomed too
         for ts in orphans:
             self._forget_if_unneeded(ts)
         for ts, _ in new:
@@ -451,7 +502,7 @@ class SchedulerState:
             ts = self.tasks.get(key)
             if ts is None or client not in ts.who_wants:
                 continue
-            ts.who_wants.discard(client)
+            ts.who_wants = _shrink(ts.who_wants, client)
             wanted.discard(ts)
             self._release_if_unneeded(ts)
 
@@ -468,7 +519,7 @@ class SchedulerState:
             for c in ts.who_wants:
                 self._send(c, KeyCancelled(key=ts.key, reason="cancelled"))
                 self.clients.get(c, set()).discard(ts)
-            ts.who_wants.clear()
+            ts.who_wants = _NONE
         for ts in doomed:
             self._release_if_unneeded(ts)
 
@@ -500,18 +551,18 @@ class SchedulerState:
                 self._send(ws.address, Store(data={key: payload}))
                 self._add_replica(ts, ws)
             self._move(ts, "memory")
-            ts.who_wants.add(client)
+            self._want(ts, client)
             wanted.add(ts)
             # Over a pending key: its dependents have it now, and it needs no inputs.
-            ts.waiting_on = set()
+            ts.waiting_on = _NONE
             for dts in ts.dependents:
                 if dts.state == "waiting" and ts in dts.waiting_on:
-                    dts.waiting_on.discard(ts)
+                    dts.waiting_on = _shrink(dts.waiting_on, ts)
                     if not dts.waiting_on:
                         self._ready.append(dts)
             for dep in ts.deps:
                 if ts in dep.waiters:
-                    dep.waiters.discard(ts)
+                    dep.waiters = _shrink(dep.waiters, ts)
                     self._release_if_unneeded(dep)
 
     # -- workers -------------------------------------------------------------------
@@ -628,7 +679,7 @@ class SchedulerState:
         for ts in list(ws.has_what):
             if ws not in ts.who_has:
                 continue  # released meanwhile (an input of a task that failed above)
-            ts.who_has.discard(ws)
+            ts.who_has = _shrink(ts.who_has, ws)
             if not ts.who_has:
                 self._lost(ts)
         ws.has_what.clear()
@@ -659,7 +710,7 @@ class SchedulerState:
                 if dts.state == "no-worker":
                     self.unrunnable.pop(dts, None)
                     self._move(dts, "waiting")
-                dts.waiting_on.add(ts)
+                dts.waiting_on = _grow(dts.waiting_on, ts)
         if not needed:
             self._forget_if_unneeded(ts)
             return
@@ -707,7 +758,7 @@ class SchedulerState:
                 self._fail(ts, msg.error)
             return
         if holder is not None and holder in ts.who_has:
-            ts.who_has.discard(holder)
+            ts.who_has = _shrink(ts.who_has, holder)
             holder.has_what.discard(ts)
             holder.nbytes -= ts.nbytes
             if not ts.who_has and ts.state == "memory":
@@ -772,13 +823,13 @@ class SchedulerState:
         self._add_replica(ts, ws)
         for dts in ts.dependents:
             if dts.state == "waiting" and ts in dts.waiting_on:
-                dts.waiting_on.discard(ts)
+                dts.waiting_on = _shrink(dts.waiting_on, ts)
                 if not dts.waiting_on:
                     self._ready.append(dts)
         for c in ts.who_wants:
             self._send(c, self._in_memory_message(ts, msg.result))
         for dep in ts.deps:
-            dep.waiters.discard(ts)
+            dep.waiters = _shrink(dep.waiters, ts)
             self._release_if_unneeded(dep)
         self._release_if_unneeded(ts)
 
@@ -814,13 +865,13 @@ class SchedulerState:
             self._take_back(t)
             self._move(t, "erred")
             t.error = error
-            t.waiting_on = set()
+            t.waiting_on = _NONE
             if notify or t is not ts:
                 for c in t.who_wants:
                     self._send(c, KeyErred(key=t.key, error=error))
             stack.extend(d for d in t.dependents if d.state in _PENDING)
             for dep in t.deps:
-                dep.waiters.discard(t)
+                dep.waiters = _shrink(dep.waiters, t)
                 self._release_if_unneeded(dep)
         for t in failed:
             self._release_if_unneeded(t)
@@ -828,7 +879,7 @@ class SchedulerState:
     # -- bookkeeping ---------------------------------------------------------------
     def _add_replica(self, ts: TaskState, ws: WorkerInfo) -> None:
         if ws not in ts.who_has:
-            ts.who_has.add(ws)
+            ts.who_has = _grow(ts.who_has, ws)
             ws.has_what.add(ts)
             ws.nbytes += ts.nbytes
 
@@ -871,10 +922,10 @@ class SchedulerState:
                 )
                 continue
             self._move(ts, "waiting")
-            waiting_on = set()
+            waiting_on: set[TaskState] = set()
             erred: TaskState | None = None
             for dep in ts.deps:
-                dep.waiters.add(ts)
+                dep.waiters = _grow(dep.waiters, ts)
                 if dep.state == "memory":
                     continue
                 if dep.state == "erred":
@@ -883,7 +934,10 @@ class SchedulerState:
                 waiting_on.add(dep)
                 if dep.state == "released":
                     stack.append(dep)
-            ts.waiting_on = waiting_on
+            if len(waiting_on) > 1:
+                ts.waiting_on = waiting_on
+            else:
+                ts.waiting_on = waiting_on.pop().alone() if waiting_on else _NONE
             if erred is not None:
                 assert erred.error is not None
                 self._fail(ts, erred.error)
@@ -906,12 +960,12 @@ class SchedulerState:
                 self._release_data(ts)
             else:
                 self._take_back(ts)
-            ts.waiting_on = set()
+            ts.waiting_on = _NONE
             ts.error = None
             self._move(ts, "released")
             for dep in ts.deps:
                 if ts in dep.waiters:
-                    dep.waiters.discard(ts)
+                    dep.waiters = _shrink(dep.waiters, ts)
                     stack.append(dep)
             self._forget_if_unneeded(ts)
 
@@ -921,7 +975,7 @@ class SchedulerState:
             ws.nbytes -= ts.nbytes
             if self.workers.get(ws.address) is ws:  # not to a worker leaving right now
                 self._free(ws.address, ts.key)
-        ts.who_has.clear()
+        ts.who_has = _NONE
 
     def _forget_if_unneeded(self, root: TaskState) -> None:
         """Drop released records that no live record depends on (their lineage too)."""
@@ -942,8 +996,8 @@ class SchedulerState:
                 else:
                     self.function_refs[fid] = refs
             for dep in ts.deps:
-                dep.dependents.discard(ts)
-                dep.waiters.discard(ts)
+                dep.dependents = _shrink(dep.dependents, ts)
+                dep.waiters = _shrink(dep.waiters, ts)
                 stack.append(dep)
 
     # -- placement -----------------------------------------------------------------
