@@ -229,3 +229,27 @@ def test_failed_tasks_forgotten_when_dropped(c, mcluster):
         c.get({"a": "x", "b": (inc, "a")}, "b")
     del bad, child
     assert_eventually(lambda: request_counts(c) == {}, "erred tasks forgotten")
+
+
+def test_release_then_resubmit_of_the_same_key_keeps_it(c, mcluster):
+    # Releases wait a moment to leave with the next message; they must still
+    # reach the scheduler before a later submit of the same key.
+    fut = c.submit(inc, 41)
+    key = fut.key
+    assert fut.result() == 42
+    del fut
+    again = c.submit(inc, 41)
+    assert again.key == key
+    time.sleep(0.1)  # well past the lazy release delay
+    assert again.result() == 42
+    assert mcluster.scheduler.state.tasks[key].who_wants, "the resubmitted key lost its client"
+    del again
+    assert_eventually(lambda: key not in mcluster.scheduler.state.tasks, "key released")
+
+
+def test_lone_release_is_sent_without_a_later_message(c, mcluster):
+    fut = c.submit(inc, 7)
+    key = fut.key
+    assert fut.result() == 8
+    del fut
+    assert_eventually(lambda: key not in mcluster.scheduler.state.tasks, "lone release sent")

@@ -116,7 +116,7 @@ class FutureState:
         "who_has",
     )
 
-    def __init__(self, key: str, lock: threading.Lock):
+    def __init__(self, key: str, lock: threading.RLock):
         self.key = key
         self.status = "pending"
         self.payload: Payload | None = None
