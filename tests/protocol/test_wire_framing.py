@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import struct
 
@@ -105,6 +106,22 @@ def test_multi_megabyte_frames_arrive_intact(chunk: int) -> None:
     assert len(got_big) == len(big) and got_big == big
     assert got_other == other
     assert [bytes(f) for f in got[1]] == [b"next"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_large_frames_are_private_memory_not_shared_with_children() -> None:
+    """A received array must not change under a forked child that writes to it."""
+    size = 8 * 1024 * 1024  # above MMAP_FRAME and HUGE_PAGE_FRAME
+    [[_, frame]] = FrameDecoder().feed(wire([[b"head", bytes(size)]]))
+    view = memoryview(frame)
+    assert not view.readonly
+    pid = os.fork()
+    if pid == 0:  # the child scribbles on its copy and leaves at once
+        view[:4] = b"\xff" * 4
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert bytes(view[:4]) == bytes(4)
 
 
 def test_layout_matches_the_spec() -> None:
