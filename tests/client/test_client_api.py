@@ -210,6 +210,16 @@ def test_map_pure_and_impure(c):
     assert c.gather(x) == c.gather(y) == [6, 7]
 
 
+def test_map_sends_large_maps_in_batches(c, mcluster):
+    from corral.protocol.messages import UpdateGraph
+
+    ops = mcluster.scheduler.observer.client_ops
+    before = ops.get(UpdateGraph, 0)
+    futures = c.map(inc, range(2_500), batch_size=1_000, pure=False)
+    assert c.gather(futures) == list(range(1, 2_501))
+    assert ops.get(UpdateGraph, 0) - before == 3  # 1,000 + 1,000 + 500
+
+
 def test_map_over_futures(c):
     first = c.map(inc, range(5))
     second = c.map(inc, first)

@@ -67,6 +67,9 @@ logger = logging.getLogger("corral.client")
 #: Seconds a key release may wait to leave with the next message (see Client._send).
 LAZY_FLUSH_DELAY = 0.01
 
+#: ``map`` sends its tasks in messages of at most this many (``batch_size``).
+MAP_BATCH_SIZE = 2_000
+
 _PLAIN = (int, float, str, bytes, bool, type(None), complex)
 
 _current_client: list[Client] = []
@@ -663,6 +666,9 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         """Apply ``func`` to each element of the iterables; the function travels once.
 
         ``runtime``: as in :meth:`submit` (``func`` is then a function's name).
+        ``batch_size``: tasks per message to the scheduler (default 2,000); each
+        batch leaves as soon as it is packed, so the first tasks run while the
+        rest of a long map is still being prepared.
 
         Example::
 
@@ -687,8 +693,9 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             priority, workers, allow_other_workers, retries, resources, environment
         )
         base_priority = options.pop("priority")
-        specs = []
-        keys = []
+        step = batch_size or MAP_BATCH_SIZE
+        futures: list[Future] = []
+        chunk: list[TaskSpec] = []
         for i, item in enumerate(items):
             if foreign:
                 args_payload, deps = self._pack_plain_args(item, kwargs)
@@ -700,8 +707,8 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
                 k = f"{key}-{_digest(fid, args_payload, pure)}"
             else:
                 k = _make_key(func, fid, args_payload, pure)
-            keys.append(k)
-            specs.append(
+            futures.append(Future(k, self))
+            chunk.append(
                 TaskSpec(
                     key=k,
                     args=args_payload,
@@ -712,14 +719,17 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
                     **options,
                 )
             )
-        futures = [Future(k, self) for k in keys]
-        step = batch_size or len(specs)
-        for start in range(0, len(specs), step):
-            chunk = specs[start : start + step]
-            self._send(
-                UpdateGraph(tasks=chunk, wanted=[s.key for s in chunk], functions={fid: fn_payload})
-            )
+            if len(chunk) >= step:
+                # Sent while the rest is still being packed: the cluster starts
+                # on the first tasks instead of waiting for the whole map.
+                self._send_tasks(chunk, {fid: fn_payload})
+                chunk = []
+        if chunk:
+            self._send_tasks(chunk, {fid: fn_payload})
         return futures
+
+    def _send_tasks(self, specs: list[TaskSpec], functions: dict[str, Payload]) -> None:
+        self._send(UpdateGraph(tasks=specs, wanted=[s.key for s in specs], functions=functions))
 
     # -- graphs ----------------------------------------------------------------------
     def _submit_graph(
