@@ -59,12 +59,27 @@ def _config() -> Any:
         raise _ConfigProblem(str(exc)) from None
 
 
+def _tune_gc() -> None:
+    """Collect cycles less often in this scheduler or worker process.
+
+    The servers allocate a few small objects per message and keep few
+    cycles; Python's default (a collection every 700 net allocations) spent
+    about a fifth of their CPU time on a map of no-op tasks.
+    """
+    import gc
+
+    threshold = _config()["process.gc-threshold"]
+    if threshold is not None:
+        gc.set_threshold(*threshold)
+
+
 def _run_until_signal(
     start: Callable[[], Awaitable[Any]],
     stop: Callable[[], Awaitable[Any]],
     finished: Callable[[], Awaitable[Any]],
 ) -> None:
     """Start a service, serve until SIGTERM/SIGINT or until it finishes, then stop it."""
+    _tune_gc()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
 

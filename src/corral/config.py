@@ -121,6 +121,16 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def _gc_threshold(value: Any) -> tuple[int, ...]:
+    """up to three integers >= 0 (gc.set_threshold), as a list or a string like 50000,20,10"""
+    if isinstance(value, str):
+        value = [part for part in value.replace(" ", "").split(",") if part]
+    if not isinstance(value, list | tuple) or not 1 <= len(value) <= 3:
+        raise ValueError(f"expected up to three integers, got {value!r}")
+    check = _int(0)
+    return tuple(check(v) for v in value)
+
+
 def _str(value: Any) -> str:
     """a string"""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -359,6 +369,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls.ca-file", None, _optional(_str), "CA certificate (PEM) peers must be signed by."),
     Option("tls.cert", None, _optional(_str), "This process's TLS certificate (PEM)."),
     Option("tls.key", None, _optional(_str), "The private key (PEM) of tls.cert."),
+    Option(
+        "process.gc-threshold",
+        [50_000, 20, 10],
+        _optional(_gc_threshold),
+        "gc.set_threshold of scheduler and worker processes (null: Python's own 700,10,10).",
+    ),
     Option("logging.level", "INFO", _log_level, "Log level of corral scheduler / corral worker."),
     Option(
         "logging.buffer-size",

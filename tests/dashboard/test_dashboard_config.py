@@ -151,6 +151,11 @@ def test_bad_files_name_the_file_and_the_key(tmp_path, monkeypatch, text, messag
             "CORRAL_WORKER_RESOURCES: MEMORY: 'lots' is not a number",
         ),
         (
+            "CORRAL_PROCESS__GC_THRESHOLD",
+            "1,2,3,4",
+            "CORRAL_PROCESS__GC_THRESHOLD: expected up to three integers",
+        ),
+        (
             "CORRAL_CONFIG",
             "/nonexistent/corral.yaml",
             "/nonexistent/corral.yaml: the configuration file",
@@ -281,6 +286,36 @@ def test_worker_command_takes_its_defaults_from_the_configuration(tmp_path):
     assert w["nthreads"] == 2  # the variable beats the file
     assert w["memory_limit"] == 10**9  # the file
     assert w["resources"] == {"GPU": 4.0}  # the argument beats the file
+
+
+def _worker_gc_threshold(extra_env: dict[str, str]) -> tuple[int, ...]:
+    import gc
+
+    with (
+        LocalCluster(n_workers=0, processes=False, dashboard_address=False) as cluster,
+        Client(cluster) as client,
+    ):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+        env.update(extra_env, CORRAL_AUTH_TOKEN=cluster.token)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "corral", "worker", cluster.scheduler_address, "--no-nanny"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            client.wait_for_workers(1, timeout=60)
+            (threshold,) = client.run(gc.get_threshold).values()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return tuple(threshold)
+
+
+def test_worker_process_collects_cycles_less_often():
+    assert _worker_gc_threshold({}) == (50_000, 20, 10)
+    assert _worker_gc_threshold({"CORRAL_PROCESS__GC_THRESHOLD": "9000,5,5"}) == (9000, 5, 5)
+    assert _worker_gc_threshold({"CORRAL_PROCESS__GC_THRESHOLD": "null"}) == (700, 10, 10)
 
 
 def test_client_timeout_from_the_configuration(monkeypatch):
