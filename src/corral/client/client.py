@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
@@ -515,6 +516,8 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
     def _pack_args(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Payload, list[str]]:
+        if not kwargs and all(type(a) in _PLAIN for a in args):  # the common, cheap case
+            return serialize((args, kwargs)), []
         deps: dict[str, None] = {}
 
         def walk(obj: Any) -> Any:
@@ -534,11 +537,7 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
                 return kind(walk(o) for o in obj)
             return obj
 
-        if all(type(a) in _PLAIN for a in args) and not kwargs:
-            packed: Any = (args, kwargs)
-        else:
-            packed = (walk(args), walk(kwargs))
-        return serialize(packed), list(deps)
+        return serialize((walk(args), walk(kwargs))), list(deps)
 
     def _foreign_function(self, func: Any, runtime: str, what: str) -> tuple[str, Payload]:
         """The msgpack payload naming a function of another runtime (e.g. ``"mathlib:add"``)."""
@@ -1228,9 +1227,30 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
 
 
 # -- helpers --------------------------------------------------------------------------
+class _UniqueIds:
+    """32 hex digits unique to each call: 64 random bits per process, then a counter.
+
+    Cheaper than ``uuid4()`` (one ``urandom`` call per key) on the path of
+    every impure task; a forked child draws its own random half.
+    """
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = ""
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        if self._pid != os.getpid():
+            self._pid, self._prefix = os.getpid(), os.urandom(8).hex()
+        return f"{self._prefix}{next(self._counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+_unique_ids = _UniqueIds()
+
+
 def _digest(fid: str, args: Payload, pure: bool) -> str:
     if not pure:
-        return uuid.uuid4().hex
+        return _unique_ids.next()
     h = hashlib.blake2b(fid.encode(), digest_size=16)
     for f in args.frames:
         h.update(f)
