@@ -88,6 +88,22 @@ def test_restart_brings_every_worker_back_with_plugins_set_up_again(client, clus
     client.unregister_worker_plugin("record-setup")
 
 
+def test_restart_without_waiting_returns_before_the_workers_are_back(client):
+    before = worker_pids(client)
+    pending = client.submit(slow_inc, 1, delay=30)
+
+    assert client.restart(wait_for_workers=False) == dict.fromkeys(before, "OK")
+
+    assert pending.status == "cancelled"  # tasks are forgotten before it returns
+
+    def fresh_workers_joined():
+        pids = set(worker_pids(client).values())
+        return len(pids) == 2 and not pids & set(before.values())
+
+    poll(fresh_workers_joined, "two fresh worker processes")
+    assert client.submit(slow_inc, 10).result(timeout=30) == 11
+
+
 def test_restart_workers_restarts_one_and_the_rest_carries_on(client):
     before = worker_pids(client)
     names = worker_names(client)

@@ -173,14 +173,15 @@ class ConsistencyMethods:
         ``TimeoutError`` naming a worker that did not come back within
         ``timeout`` seconds (60 by default); the others carry on.  Raises
         ``RuntimeError`` (and restarts nothing) if a worker has no supervisor.
-        ``wait_for_workers`` is accepted for dask.distributed's sake: Corral
-        always waits.
+        With ``wait_for_workers=False`` it returns as soon as the workers were
+        told to restart (tasks are already forgotten), without waiting for the
+        new processes to join; ``client.wait_for_workers(n)`` waits for them later.
 
         Example::
 
             client.restart()   # {"tcp://10.0.0.5:38551": "OK", ...}
         """
-        return self._sync(self._restart_workers(None, timeout, True, True))
+        return self._sync(self._restart_workers(None, timeout, True, True, wait_for_workers))
 
     def restart_workers(
         self,
@@ -206,13 +207,18 @@ class ConsistencyMethods:
         return self._sync(self._restart_workers(list(workers), timeout, False, raise_for_error))
 
     async def _restart_workers(
-        self, workers: list[str] | None, timeout: float | None, forget: bool, raise_for_error: bool
+        self,
+        workers: list[str] | None,
+        timeout: float | None,
+        forget: bool,
+        raise_for_error: bool,
+        wait: bool = True,
     ) -> dict[str, Any]:
         limit = DEFAULT_RESTART_TIMEOUT if timeout is None else float(timeout)
         reason = "client.restart" if forget else "client.restart_workers"
         results = await self._ask(
             lambda rid: RestartWorkers(
-                id=rid, workers=workers, timeout=limit, reason=reason, forget=forget
+                id=rid, workers=workers, timeout=limit, reason=reason, forget=forget, wait=wait
             )
         )
         outcomes: dict[str, Outcome] = results.outcomes

@@ -931,7 +931,8 @@ class RestartWorkers(Message):
     anything happens.  With ``forget`` (``client.restart()``) every task of
     every client is cancelled first.  Answered by :class:`Results`: per
     worker, the new process's address, or an error (``TimeoutError`` when it
-    did not come back within ``timeout`` seconds).
+    did not come back within ``timeout`` seconds).  Without ``wait``, the
+    answer comes as soon as the workers were told to restart, with no result.
     """
 
     op: ClassVar[str] = "restart_workers"
@@ -940,6 +941,7 @@ class RestartWorkers(Message):
     timeout: float = 60.0
     reason: str = ""
     forget: bool = False
+    wait: bool = True
 
 
 @record

@@ -364,10 +364,13 @@ class ConsistencyHost:
         for address in targets:
             already = self.restarting(address)
             restart = already or self._expect(address, self.slots[address], msg.timeout, reason)
-            restart.waiters.append(functools.partial(back, address))
+            if msg.wait:
+                restart.waiters.append(functools.partial(back, address))
             stream = streams.get(address)
             if already is None and stream is not None and not stream.closed:
                 stream.send(RestartWorker(reason=reason))
+        if not msg.wait:
+            reply({address: Outcome() for address in targets})
 
     def _forget_everything(self, reason: str) -> None:
         """``client.restart()``: every client's futures are cancelled, every task released."""
