@@ -244,3 +244,19 @@ def test_strict_scheduler_refuses_a_mismatched_worker(tmp_path):
     finally:
         for p in procs:
             p.stop()
+
+
+def test_local_cluster_version_check_option(monkeypatch):
+    with pytest.raises(ValueError, match="version_check must be one of"):
+        LocalCluster(n_workers=0, version_check="loud")
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, version_check="strict"
+    ) as cluster:
+        monkeypatch.setenv(FAKE_VERSIONS_ENV, FAKE_NUMPY)  # read by the worker started now
+        with pytest.raises(RuntimeError, match="exited during startup"):  # refused
+            cluster.scale(2)
+        monkeypatch.delenv(FAKE_VERSIONS_ENV)
+        with Client(cluster, version_check="off") as c:
+            events = poll(lambda: [msg for _, msg in c.get_events("versions")], "an event")
+            assert [e["action"] for e in events] == ["refused"]
+            assert len(c.scheduler_info()["workers"]) == 1

@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from .. import config
 from .._loop import LoopThread
 from ..comm import format_address
 from ..comm.handshake import connect_with_retry
@@ -32,6 +33,7 @@ from ..protocol.messages import Reply, Request
 from ..resources import format_resources as _format_resources
 from ..resources import validate_worker_resources
 from ..scheduler.server import Scheduler
+from ..versions import VERSION_CHECK_MODES
 from ..worker.server import Worker
 
 
@@ -88,6 +90,7 @@ class LocalCluster:
         worker_preload: str | list[str] | None = None,
         worker_preload_argv: list[str] | None = None,
         dashboard_address: str | bool | None = None,
+        version_check: str | None = None,
         **unused: Any,
     ) -> None:
         default_n, default_t = default_sizing()
@@ -139,6 +142,12 @@ class LocalCluster:
         # The scheduler's dashboard: "[HOST]:PORT", None: the configuration's (":8787",
         # a busy port falls back to a free one), False: none.  ``cluster.dashboard_link``.
         self.dashboard_address = dashboard_address
+        # The scheduler's version check (docs/consistency.md): "warn", "strict",
+        # "off"; None: the configuration's (scheduler.version-check).
+        if version_check is not None and version_check not in VERSION_CHECK_MODES:
+            modes = ", ".join(VERSION_CHECK_MODES)
+            raise ValueError(f"version_check must be one of {modes}, got {version_check!r}")
+        self.version_check = version_check
         self.dashboard_port: int | None = None
         self.scheduler_address = ""
         self.status = "created"
@@ -195,6 +204,7 @@ class LocalCluster:
                 preload_argv=self.preload_argv,
                 security=self.security,
                 dashboard_address=self.dashboard_address,
+                version_check=config.get("scheduler.version-check", self.version_check),
             ).start()
             self.scheduler_address = self._scheduler.address
             self.dashboard_port = self._scheduler.services.get("dashboard")
@@ -218,6 +228,8 @@ class LocalCluster:
             cmd += ["--no-dashboard"]
         elif self.dashboard_address is not None:
             cmd += ["--dashboard-address", str(self.dashboard_address)]
+        if self.version_check is not None:
+            cmd += ["--version-check", self.version_check]
         cmd += _preload_args(self.preload, self.preload_argv)
         self._scheduler_proc = subprocess.Popen(cmd, env=self._env())
         self._all_procs.append(self._scheduler_proc)
