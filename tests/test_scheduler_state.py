@@ -13,6 +13,7 @@ harder: ``CORRAL_STATE_EXAMPLES=3000`` (more examples) and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -58,11 +59,13 @@ from corral.protocol.messages import (
     UpdateWhoHas,
 )
 from corral.protocol.serialize import Payload
+from corral.scheduler.placement import plan_runs
 from corral.scheduler.state import (
     ClientJoined,
     ClientLeft,
     InvalidTransition,
     SchedulerState,
+    WorkerInfo,
     WorkerLeft,
 )
 
@@ -125,25 +128,25 @@ def test_independent_tasks_spread_over_workers_and_functions_travel_once():
     s = Sched(W1, W2)
     tasks = [spec(f"inc-{i}", fn="f1") for i in range(4)]
     out = submit(s, C1, tasks, [t.key for t in tasks], functions={"f1": FN})
-    # Least loaded first: the four tasks alternate, one batch per worker.
+    # Half each, in runs of neighbours (priority order), one batch per worker.
     assert out == {
         W1: [
             compute(
                 ctask("inc-0", run_id=1, fn="f1", send_result=True),
-                ctask("inc-2", run_id=3, fn="f1", send_result=True),
+                ctask("inc-1", run_id=2, fn="f1", send_result=True),
                 functions={"f1": FN},
             )
         ],
         W2: [
             compute(
-                ctask("inc-1", run_id=2, fn="f1", send_result=True),
+                ctask("inc-2", run_id=3, fn="f1", send_result=True),
                 ctask("inc-3", run_id=4, fn="f1", send_result=True),
                 functions={"f1": FN},
             )
         ],
     }
     for i in range(4):
-        s(W1 if i % 2 == 0 else W2, finished(f"inc-{i}", run_id=i + 1))
+        s(W1 if i < 2 else W2, finished(f"inc-{i}", run_id=i + 1))
     s(C1, ReleaseKeys(keys=[t.key for t in tasks]))
     assert s.tasks == {}
     # The function's payload is dropped with its last task.
@@ -196,6 +199,78 @@ def test_data_locality_gives_way_to_a_busy_holder():
             compute(ctask("z", run_id=12, who_has={"x": [W1]}, nbytes={"x": 10}, send_result=True))
         ]
     }
+
+
+def test_free_tasks_go_to_workers_in_runs_of_neighbours():
+    """Roots next to each other in priority order share a worker, so their dependents fetch nothing.
+
+    As ``dask.order`` orders ``x + x.T``: each pair of roots feeding one
+    dependent is adjacent.  Dealt out one by one, every pair would be split.
+    """
+    s = Sched(W1, W2)
+    pairs = [("a", "b"), ("c", "d"), ("e", "f"), ("g", "h")]
+    tasks = []
+    for i, (x, y) in enumerate(pairs):
+        tasks += [spec(x, priority=[3 * i]), spec(y, priority=[3 * i + 1])]
+        tasks.append(spec(f"sum-{x}{y}", x, y, priority=[3 * i + 2]))
+    out = submit(s, C1, tasks, [f"sum-{x}{y}" for x, y in pairs])
+    assert [t.key for t in out[W1][0].tasks] == ["a", "b", "c", "d"]
+    assert [t.key for t in out[W2][0].tasks] == ["e", "f", "g", "h"]
+    for x, y in pairs:
+        holder = s.tasks[x].processing_on
+        assert holder is not None
+        for key in (x, y):
+            s(holder.address, finished(key, run_id=s.tasks[key].run_id, nbytes=8_000_000))
+        dependent = s.tasks[f"sum-{x}{y}"]
+        assert dependent.processing_on is holder  # both inputs there: nothing to move
+
+
+def test_free_tasks_fill_the_emptier_worker_first():
+    """A batch of free tasks levels the queues: the busy worker gets only what overflows."""
+    s = Sched(W1, W2)
+    busy = [spec(f"busy-{i}", workers=[W1]) for i in range(4)]
+    submit(s, C1, busy, [t.key for t in busy])  # 4 x 0.5 s estimated on W1
+    keys = [f"x-{i}" for i in range(6)]
+    out = submit(s, C1, [spec(k, priority=[i]) for i, k in enumerate(keys)], keys)
+    # 2 s queued on W1, 3 s of new work: the level is 2.5 s, W2 takes 5, W1 one.
+    assert [t.key for t in out[W2][0].tasks] == keys[:5]
+    assert [t.key for t in out[W1][0].tasks] == keys[5:]
+
+
+def test_plan_runs_weighs_threads_and_counts_tasks_of_unknown_cost():
+    w1 = WorkerInfo(reg(W1, nthreads=3))
+    w2 = WorkerInfo(reg(W2, nthreads=1))
+    js = WorkerInfo(reg(W3, runtime="js"))
+    workers = {W1: w1, W2: w2, W3: js}
+    # Shares follow threads: 3 of every 4 tasks to W1, in one run; none to a JS worker.
+    assert plan_runs([1.0] * 8, workers) == [w1] * 6 + [w2] * 2
+    # Durations all zero (tasks too quick to measure): tasks are counted instead.
+    assert plan_runs([0.0] * 4, workers) == [w1] * 3 + [w2]
+    # One task: the least loaded worker, as choose_worker would pick.
+    w1.occupancy = 6.0
+    assert plan_runs([1.0], workers) == [w2]
+    assert plan_runs([1.0], {W3: js}) is None
+
+
+def test_placement_stops_pricing_by_a_stale_duration_estimate():
+    """Queued work is re-priced when a prefix turns out much faster than assumed.
+
+    Before any ``slow`` task finished, each counts 0.5 s (the default).  Once
+    one finished in 10 ms, the queued ones count about that too, so a
+    dependent with a large input on W1 stays with it instead of moving to an
+    emptier W2 whose queue difference only looked longer than the transfer.
+    """
+    s = Sched(W1, W2)
+    roots = [spec(f"slow-{i}", priority=[i]) for i in range(8)]
+    submit(s, C1, roots, [t.key for t in roots])
+    w1, w2 = s.state.workers[W1], s.state.workers[W2]
+    assert w1.occupancy == w2.occupancy == 2.0
+    done = finished("slow-0", run_id=s.tasks["slow-0"].run_id, nbytes=50_000_000)
+    s(W1, dataclasses.replace(done, start=1.0, stop=1.01))
+    assert w1.occupancy == pytest.approx(3 * 0.01)
+    assert w2.occupancy == pytest.approx(4 * 0.01)
+    out = submit(s, C1, [spec("big", "slow-0")], ["big"])
+    assert list(out) == [W1]
 
 
 def test_shared_input_is_freed_only_after_its_last_dependent():
@@ -907,7 +982,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if address in self.sim:
             self.leave(address, expected)
 
-    def run_one(self, w: SimWorker, key: str, ok: bool, nbytes: int) -> None:
+    def run_one(self, w: SimWorker, key: str, ok: bool, nbytes: int, duration: float = 0.0) -> None:
         """``w`` fetches the inputs of ``key`` from their holders, then runs it."""
         t = w.running[key]
         fetched = {}
@@ -925,7 +1000,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         events: list[Any] = [AddKeys(nbytes=fetched)] if fetched else []
         if ok:
             w.held[key] = nbytes
-            events.append(finished(key, t.run_id, nbytes=nbytes))
+            done = finished(key, t.run_id, nbytes=nbytes)
+            events.append(dataclasses.replace(done, start=100.0, stop=100.0 + duration))
         else:
             events.append(erred(key, t.run_id, err=error("ValueError", key)))
         self.handle(w.address, *events)
@@ -936,7 +1012,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         busy = sorted(a for a, w in self.sim.items() if w.running)
         w = self.sim[data.draw(st.sampled_from(busy))]
         key = data.draw(st.sampled_from(sorted(w.running)))
-        self.run_one(w, key, ok, data.draw(st.sampled_from([1, 100, 10**9])))
+        nbytes = data.draw(st.sampled_from([1, 100, 10**9]))
+        # Durations far from the estimates too: occupancies get corrected.
+        self.run_one(w, key, ok, nbytes, data.draw(st.sampled_from([0.0, 0.001, 0.5, 30.0])))
 
     @precondition(lambda self: self.stale)
     @rule(data=st.data(), ok=st.booleans())

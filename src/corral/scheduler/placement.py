@@ -9,11 +9,19 @@ there: queued work per thread (or, for a task demanding resources, per unit
 of the scarcest demanded resource) plus the time to move the input bytes the
 worker does not hold.  Every constraint composes because each is just another
 filter.
+
+Free tasks (no inputs, no constraints: the roots of a graph, a ``map``) have
+no cost but load, so a batch of them is placed as a whole by :func:`plan_runs`:
+contiguous runs in priority order, one run per worker, sized to even out the
+queued work per thread.  Graph priorities (``dask.order``) put the roots that
+feed the same dependents next to each other, so a run keeps them on one
+worker; dealing them out one by one would send neighbours to different
+workers and make their dependents fetch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -122,6 +130,67 @@ def choose_worker(ts: TaskState, workers: dict[str, WorkerInfo]) -> WorkerInfo |
 
 def _load(ws: WorkerInfo) -> tuple[float, int]:
     return ws.occupancy / ws.nthreads, len(ws.processing)
+
+
+def is_free(ts: TaskState) -> bool:
+    """True if ``ts`` may run on any Python worker and needs no inputs: only load matters."""
+    if ts.workers or ts.resources or ts.deps or ts.environment:
+        return False
+    return ts.runtime is None or ts.runtime == "python"
+
+
+def plan_runs(
+    durations: Sequence[float], workers: dict[str, WorkerInfo]
+) -> list[WorkerInfo] | None:
+    """Workers for a batch of free tasks (in priority order), in contiguous runs.
+
+    ``durations``: each task's expected duration.  The batch is poured onto
+    the least loaded workers until their queued work per thread is level
+    (water-filling), and each worker takes the tasks whose midpoints fall in
+    its share: the least loaded worker the first run (it starts soonest), the
+    next one the following run, and so on.  A single task goes to the least
+    loaded worker, as :func:`choose_worker` would send it.  ``None`` if no
+    Python worker is connected.
+    """
+    pool = sorted(
+        (ws for ws in workers.values() if ws.runtime == "python"),
+        key=lambda ws: (*_load(ws), ws.address),
+    )
+    if not pool:
+        return None
+    if len(pool) == 1:
+        return [pool[0]] * len(durations)
+    work = float(sum(durations))
+    if work <= 0.0:  # nothing known about their cost: count tasks instead
+        durations = [1.0] * len(durations)
+        work = float(len(durations))
+    # The level the queues rise to: the largest prefix of the pool (least
+    # loaded first) whose workers all stay below it.
+    busy = threads = 0.0
+    level = 0.0
+    used = 0
+    for ws in pool:
+        if used and ws.occupancy / ws.nthreads >= level:
+            break
+        busy += ws.occupancy
+        threads += ws.nthreads
+        level = (work + busy) / threads
+        used += 1
+    ends = []  # cumulative end of each worker's share of ``work``
+    total = 0.0
+    for ws in pool[:used]:
+        total += max(0.0, level * ws.nthreads - ws.occupancy)
+        ends.append(total)
+    chosen = []
+    w = 0
+    done = 0.0
+    for d in durations:
+        middle = done + d / 2
+        while w < used - 1 and middle > ends[w]:
+            w += 1
+        chosen.append(pool[w])
+        done += d
+    return chosen
 
 
 def why_no_worker(

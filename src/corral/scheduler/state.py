@@ -310,6 +310,15 @@ class SchedulerState:
         self.environments: dict[str, str] = {}
         self.allowed_failures = allowed_failures
         self.durations: dict[str, float] = {}
+        # Occupancy bookkeeping per key prefix, for prefixes with tasks processing:
+        # the duration every such task counts for in its worker's occupancy, and
+        # how many run on each worker.  When the measured duration drifts far
+        # from that estimate, every worker's occupancy is corrected at once
+        # (see _learn_duration): estimates made before a prefix ever finished,
+        # or from the slow first runs on fresh workers, would otherwise weigh
+        # on placement until the last task assigned under them finishes.
+        self._estimates: dict[str, float] = {}
+        self._running: dict[str, dict[WorkerInfo, int]] = {}
         self.transition_log: deque[tuple[str, str, str, str]] = deque(maxlen=log_length)
         self.transition_counter = 0
         self._ready: list[TaskState] = []
@@ -814,9 +823,7 @@ class SchedulerState:
         ws = ts.processing_on
         assert ws is not None
         self._unassign(ts)
-        duration = max(0.0, msg.stop - msg.start)
-        old = self.durations.get(ts.prefix)
-        self.durations[ts.prefix] = duration if old is None else 0.5 * old + 0.5 * duration
+        self._learn_duration(ts.prefix, max(0.0, msg.stop - msg.start))
         ts.nbytes = msg.nbytes
         ts.typename = msg.typename
         self._move(ts, "memory")
@@ -897,7 +904,17 @@ class SchedulerState:
         ws = ts.processing_on
         if ws is not None:
             ws.processing.discard(ts)
-            ws.occupancy = max(0.0, ws.occupancy - ts.duration) if ws.processing else 0.0
+            prefix = ts.prefix
+            estimate = self._estimates[prefix]
+            ws.occupancy = max(0.0, ws.occupancy - estimate) if ws.processing else 0.0
+            counts = self._running[prefix]
+            count = counts[ws] - 1
+            if count:
+                counts[ws] = count
+            else:
+                del counts[ws]
+                if not counts:
+                    del self._running[prefix], self._estimates[prefix]
             if ts.resources:
                 occ = ws.resource_occupancy
                 for name, amount in ts.resources.items():
@@ -1010,10 +1027,13 @@ class SchedulerState:
             workers = self.workers
             if self.paused:  # paused workers take no new tasks
                 workers = {a: w for a, w in workers.items() if a not in self.paused}
+            planned = self._plan_free(ready, workers)
             for ts in ready:
                 if ts.state != "waiting" or ts.waiting_on:
                     continue
-                ws = placement.choose_worker(ts, workers)
+                ws = planned.get(ts)
+                if ws is None:
+                    ws = placement.choose_worker(ts, workers)
                 if ws is None:
                     self._move(ts, "no-worker")
                     self.unrunnable[ts] = None
@@ -1031,13 +1051,64 @@ class SchedulerState:
                             functions[fid] = self.functions[fid]
                 self._send(ws.address, Compute(tasks=tasks, functions=functions))
 
+    def _plan_free(
+        self, ready: list[TaskState], workers: dict[str, WorkerInfo]
+    ) -> dict[TaskState, WorkerInfo]:
+        """Workers for the free tasks among ``ready`` (sorted), placed as one batch.
+
+        See :func:`placement.plan_runs`: neighbours in priority order share a
+        worker.  Empty when fewer than two are free (nothing to plan).
+        """
+        free = [
+            ts
+            for ts in dict.fromkeys(ready)
+            if ts.state == "waiting" and not ts.waiting_on and placement.is_free(ts)
+        ]
+        if len(free) < 2:
+            return {}
+        chosen = placement.plan_runs([self._expected(ts.prefix) for ts in free], workers)
+        if chosen is None:
+            return {}
+        return dict(zip(free, chosen, strict=True))
+
+    def _expected(self, prefix: str) -> float:
+        """The duration a task of ``prefix`` is expected to take (its occupancy estimate)."""
+        estimate = self._estimates.get(prefix)
+        if estimate is None:
+            estimate = self.durations.get(prefix, DEFAULT_DURATION)
+        return estimate
+
+    def _learn_duration(self, prefix: str, duration: float) -> None:
+        """Fold a measured duration into the prefix's average; correct occupancies if far off.
+
+        Occupancies are corrected only when the average leaves [estimate/2,
+        2 x estimate], so a busy prefix costs a pass over its workers rarely,
+        not at every finish.
+        """
+        old = self.durations.get(prefix)
+        new = duration if old is None else 0.5 * old + 0.5 * duration
+        self.durations[prefix] = new
+        estimate = self._estimates.get(prefix)
+        if estimate is not None and not 0.5 * estimate <= new <= 2.0 * estimate:
+            self._estimates[prefix] = new
+            for ws, count in self._running[prefix].items():
+                ws.occupancy = max(0.0, ws.occupancy + count * (new - estimate))
+
     def _assign(self, ts: TaskState, ws: WorkerInfo) -> None:
         self._move(ts, "processing")
         ts.processing_on = ws
         ts.run_id = next(self._run_ids)
-        ts.duration = self.durations.get(ts.prefix, DEFAULT_DURATION)
+        prefix = ts.prefix
+        estimate = self._estimates.get(prefix)
+        if estimate is None:
+            estimate = self._estimates[prefix] = self.durations.get(prefix, DEFAULT_DURATION)
+            counts = self._running[prefix] = {}
+        else:
+            counts = self._running[prefix]
+        counts[ws] = counts.get(ws, 0) + 1
+        ts.duration = estimate
         ws.processing.add(ts)
-        ws.occupancy += ts.duration
+        ws.occupancy += estimate
         if ts.resources:
             occ = ws.resource_occupancy
             for name, amount in ts.resources.items():
@@ -1150,12 +1221,19 @@ class SchedulerState:
                 assert ts in self.clients.get(c, ()), (ts, c)
         for ts in self.unrunnable:
             assert ts.state == "no-worker"
+        assert self._running.keys() == self._estimates.keys()
+        running: dict[str, dict[WorkerInfo, int]] = {}
         for ws in self.workers.values():
             assert ws.environments <= self.environments.keys(), ws
             for ts in ws.processing:
                 assert ts.processing_on is ws
+                counts = running.setdefault(ts.prefix, {})
+                counts[ws] = counts.get(ws, 0) + 1
+            expected = sum(self._estimates[ts.prefix] for ts in ws.processing)
+            assert abs(ws.occupancy - expected) <= 1e-6 * max(1.0, expected), ws
             for ts in ws.has_what:
                 assert ws in ts.who_has
+        assert running == self._running, (running, self._running)
 
 
 def _priority(ts: TaskState) -> tuple[Any, ...]:
