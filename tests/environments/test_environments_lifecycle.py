@@ -193,3 +193,30 @@ def test_sigterm_to_corral_worker_runs_the_teardown(tmp_path, procs):
             "b",
             "teardown",
         ]
+
+
+def _slow_task_using(env_name, log, seconds):
+    state = get_environment_state(env_name)
+    with open(log, "a") as f:
+        f.write(f"task start {state['joined'] > 0}\n")
+    time.sleep(seconds)
+    with open(log, "a") as f:
+        f.write("task end\n")
+    return True
+
+
+def test_teardown_waits_for_the_running_tasks_that_target_the_environment(tmp_path):
+    log = str(tmp_path / "log.txt")
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False) as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_worker_environment(environment=Logged("db", log))
+        running = client.submit(_slow_task_using, "db", log, 1.0, environment="db", pure=False)
+        wait_for(lambda: "task start True" in lines(log), what="the task to start")
+        client.unregister_worker_environment("db")
+        wait_for(lambda: "0 teardown db" in lines(log), what="the teardown")
+        assert lines(log) == ["0 setup db", "task start True", "task end", "0 teardown db"]
+        # Its run was taken back when the environment went away: it waits for one.
+        assert running.status == "pending"
+        assert "no environment named 'db' is registered" in client.why_pending(running)

@@ -323,6 +323,7 @@ class ComputeTask(Record):
     priority: list[float] = dataclasses.field(default_factory=list)
     resources: dict[str, float] | None = None
     send_result: bool = False
+    environment: list[str] | None = None  # environments it targets (teardown waits for it)
 
 
 # ---------------------------------------------------------------------------

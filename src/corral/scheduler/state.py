@@ -1125,6 +1125,7 @@ class SchedulerState:
             priority=list(ts.priority),
             resources=ts.resources,
             send_result=bool(ts.who_wants),
+            environment=ts.environment,
         )
         batch = self._compute.get(ws)
         if batch is None:

@@ -45,6 +45,12 @@ ENVIRONMENT_WORKER_OPS = frozenset({CheckEnvironment, TeardownEnvironment})
 #: A worker closing waits this long for an environment setup in progress.
 CLOSE_WAIT_SECONDS = 10.0
 
+#: A teardown waits at most this long for running tasks that target the environment.
+TEARDOWN_WAIT_SECONDS = 300.0
+
+#: How often a waiting teardown looks whether those tasks finished.
+_POLL_SECONDS = 0.01
+
 
 @dataclass
 class _Held:
@@ -157,8 +163,13 @@ class WorkerEnvironmentHost:
         return await self._teardown(name, held)
 
     async def _teardown(self, name: str, held: _Held) -> _Failure | None:
-        """Run the teardown of a member; it is no longer a member however that ends."""
+        """Run the teardown of a member; it is no longer a member however that ends.
+
+        Tasks running here that target the environment finish first: their
+        code may still be using its state (the database connection, the model).
+        """
         held.member = False
+        await self._wait_for_tasks_of(name)
         teardown = getattr(held.env, "teardown", None)
         try:
             if teardown is not None:
@@ -168,6 +179,31 @@ class WorkerEnvironmentHost:
         finally:
             self.state.pop(name, None)
         return None
+
+    def _running_tasks_of(self, name: str) -> list[str]:
+        return [
+            ts.key
+            for ts in self.worker.state.executing
+            if ts.spec is not None and ts.spec.environment and name in ts.spec.environment
+        ]
+
+    async def _wait_for_tasks_of(self, name: str) -> None:
+        limit = CLOSE_WAIT_SECONDS if self._closing else TEARDOWN_WAIT_SECONDS
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while running := self._running_tasks_of(name):
+            if loop.time() > deadline:
+                logger.warning(
+                    "worker environment %r: tearing down on %s while %d of its tasks still "
+                    "run after %gs: %s",
+                    name,
+                    self.worker.address,
+                    len(running),
+                    limit,
+                    running[:5],
+                )
+                return
+            await asyncio.sleep(_POLL_SECONDS)
 
     def _failed(self, name: str, stage: str, exc: BaseException) -> _Failure:
         logger.warning(
