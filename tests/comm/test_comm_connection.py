@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from corral.comm import open_connection, start_server
+from corral.comm import Security, open_connection, start_server
 from corral.comm.connection import HANDSHAKE_MAX_FRAME_BYTES, Connection, format_address
 from corral.errors import CommClosedError
 from corral.protocol import Payload
@@ -66,6 +69,74 @@ def test_messages_and_multi_megabyte_payloads_arrive_intact() -> None:
             await theirs.wait_closed()
 
     asyncio.run(main())
+
+
+def _loop_factories() -> list[Any]:
+    factories: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+    try:
+        import uvloop
+
+        factories.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+    except ImportError:  # pragma: no cover - uvloop is optional
+        pass
+    return factories
+
+
+@pytest.fixture(scope="module")
+def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) TLS contexts from a throwaway CA."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "reliability"))
+    from _certs import make_pki
+
+    pki = make_pki(str(tmp_path_factory.mktemp("pki")))
+    sec = Security(tls_ca_file=pki.ca.cert, tls_cert=pki.node.cert, tls_key=pki.node.key)
+    return sec.server_context(), sec.client_context()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+@pytest.mark.parametrize("loop_factory", _loop_factories())
+def test_big_frames_both_ways_at_once_with_small_messages_between(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], tls: bool, request: pytest.FixtureRequest
+) -> None:
+    """Write flow control pauses and resumes many times; nothing stalls or reorders."""
+    server_ctx, client_ctx = request.getfixturevalue("tls_contexts") if tls else (None, None)
+    big = [random.Random(i).randbytes(9 * 1024 * 1024 + i) for i in range(2)]
+    msgs = [
+        Heartbeat(metrics={"i": 0}),
+        Data(data={"x": Payload("pickle", [b"head", big[0]])}),
+        Heartbeat(metrics={"i": 1}),
+        Data(data={"y": Payload("pickle", [big[1], b"tail"])}),
+        Heartbeat(metrics={"i": 2}),
+    ]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[Connection] = loop.create_future()
+
+        async def on_connection(conn: Connection) -> None:
+            accepted.set_result(conn)
+
+        server = await start_server("127.0.0.1", 0, on_connection, ssl_context=server_ctx)
+        scheme = "tls" if tls else "tcp"
+        address = format_address("127.0.0.1", server.sockets[0].getsockname()[1], scheme)
+        async with server:
+            conn = await open_connection(address, ssl_context=client_ctx)
+            theirs = await accepted
+            theirs.lift_limits()
+            for msg in msgs:  # one message per loop iteration, both ways at once
+                conn.send(msg)
+                theirs.send(msg)
+                await asyncio.sleep(0)
+            assert [await theirs.recv(timeout=30) for _ in msgs] == msgs
+            assert [await conn.recv(timeout=30) for _ in msgs] == msgs
+            conn.close()
+            await asyncio.wait_for(theirs.wait_closed(), 10)
+
+    loop = loop_factory()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
 
 
 def test_server_connections_take_only_small_messages_until_the_handshake() -> None:
