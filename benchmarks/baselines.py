@@ -1,8 +1,10 @@
 """Raw loopback-TCP baselines measured in the benchmark subprocess.
 
-They give an in-process, same-machine lower bound for latency and upper
-bound for bandwidth, so the scheduler numbers can be read as "x of raw".
-Both use two threads of one process talking over 127.0.0.1.
+They give a same-machine lower bound for latency and upper bound for
+bandwidth, so the scheduler numbers can be read as "x of raw".  The
+ping-pong runs between two threads of this process; the bulk copy comes
+from a child process, as a worker-to-worker transfer does.  Both talk over
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -143,49 +145,62 @@ def ping_pong_p50s(
     ]
 
 
+def _copy_sender(port: int, nbytes: int) -> None:
+    """Child process of :func:`tcp_copy_seconds`: connect, wait for "go", send."""
+    import numpy as np
+
+    # The transfer workload's bytes: random float64 in a NumPy array.
+    payload = np.random.default_rng(0).random(nbytes // 8).data.cast("B")
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.recv(1) == b"g":
+            sock.sendall(payload)
+
+
 def tcp_copy_seconds(nbytes: int) -> float:
-    """Copy ``nbytes`` over loopback TCP between two threads; return seconds.
+    """Copy ``nbytes`` over loopback TCP from another process; return seconds.
 
-    The sender calls ``sendall`` on a preallocated buffer, the receiver
-    ``recv_into`` a preallocated ``bytearray``; the clock runs from just
-    before ``sendall`` until the receiver holds every byte.
+    Like a worker-to-worker transfer, sender and receiver are separate
+    processes (two threads of one process would also contend for the GIL
+    between system calls).  The sender has the workload's kind of bytes
+    already in memory, a NumPy array of random floats (zeros would be read
+    from one cached page); the receiver ``recv_into`` a
+    NumPy buffer faulted in before the clock starts (NumPy asks for huge
+    pages, as a receiver that cares about speed would).  The clock runs from
+    the receiver's "go" until it holds every byte.
     """
-    payload = memoryview(bytes(nbytes))
-    sink = bytearray(nbytes)
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    done_at: list[float] = []
-    errors: list[BaseException] = []
+    import multiprocessing
 
-    def receive() -> None:
+    import numpy as np
+
+    sink = np.empty(nbytes, dtype=np.uint8)
+    sink.fill(1)  # fault every page in now, not while the bytes arrive
+    view = sink.data.cast("B")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(120)
+        port = listener.getsockname()[1]
+        sender = multiprocessing.get_context("spawn").Process(
+            target=_copy_sender, args=(port, nbytes), daemon=True
+        )
+        sender.start()
         try:
             conn, _ = listener.accept()
             with conn:
-                view = memoryview(sink)
+                conn.settimeout(120)
+                start = time.perf_counter()
+                conn.sendall(b"g")
                 got = 0
                 while got < nbytes:
                     n = conn.recv_into(view[got:], nbytes - got)
                     if n == 0:
-                        raise ConnectionError("sender closed early")
+                        raise ConnectionError("the raw copy's sender closed early")
                     got += n
-                done_at.append(time.perf_counter())
-        except BaseException as exc:  # re-raised in the calling thread
-            errors.append(exc)
-
-    receiver = threading.Thread(target=receive, name="raw-copy-receiver", daemon=True)
-    receiver.start()
-    try:
-        with socket.create_connection(("127.0.0.1", port)) as sender:
-            start = time.perf_counter()
-            sender.sendall(payload)
-            receiver.join(120)
-    finally:
-        listener.close()
-    if errors:
-        raise errors[0]
-    if not done_at:
-        raise RuntimeError("raw TCP copy did not finish")
-    return done_at[0] - start
+                elapsed = time.perf_counter() - start
+        finally:
+            sender.join(30)
+            if sender.is_alive():
+                sender.kill()
+    return elapsed
 
 
 def tcp_copy_mb_per_s(nbytes: int, repeats: int = 3) -> float:
