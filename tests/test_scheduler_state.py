@@ -124,6 +124,62 @@ def test_chain_runs_in_order_and_frees_intermediates():
     assert s.state.story("c")[-1][1:3] == ("released", "forgotten")
 
 
+def part(s: Sched, client: str, tasks, wanted=(), hold="g1", more=True):
+    msg = UpdateGraph(tasks=list(tasks), wanted=list(wanted), hold=hold, more=more)
+    return s(client, msg)
+
+
+def test_a_graph_in_parts_runs_its_first_part_at_once_and_frees_only_at_the_end():
+    s = Sched(W1)
+    s(C1, ClientJoined(C1))
+    # Part 1: inputs nobody wants yet are computed, not forgotten.
+    out = part(s, C1, [spec("a"), spec("b")])
+    assert s.states() == {"a": "processing", "b": "processing"}
+    assert [t.key for t in out[W1][0].tasks] == ["a", "b"]
+    s(W1, finished("a", run_id=1))
+    s(W1, finished("b", run_id=2))
+    assert s.states() == {"a": "memory", "b": "memory"}  # kept for the parts to come
+    # Part 2 uses them; "c" is not wanted either, but held.
+    part(s, C1, [spec("c", "a", "b"), spec("x")])
+    assert s.states()["c"] == "processing"
+    s(W1, finished("x", run_id=4))
+    out = s(W1, finished("c", run_id=3))
+    assert s.states() == {"a": "memory", "b": "memory", "c": "memory", "x": "memory"}
+    assert W1 not in out  # nothing freed while the graph is still arriving
+    # The last part says what is wanted; everything else is released then.
+    out = part(s, C1, [spec("d", "c")], wanted=["d"], more=False)
+    # a and b keep their records as c's lineage; x, needed by nothing, is gone.
+    assert s.states() == {"a": "released", "b": "released", "c": "memory", "d": "processing"}
+    assert sorted(out[W1][0].keys) == ["a", "b", "x"]  # FreeKeys first, then compute
+    s(W1, finished("d", run_id=5))
+    assert s.states() == {"a": "released", "b": "released", "c": "released", "d": "memory"}
+    assert s.state._holds == {}
+    s(C1, ReleaseKeys(keys=["d"]))
+    assert s.tasks == {}
+
+
+def test_held_parts_are_released_when_their_client_leaves():
+    s = Sched(W1)
+    s(C1, ClientJoined(C1))
+    part(s, C1, [spec("a"), spec("b", "a")])
+    s(W1, finished("a", run_id=1))
+    assert s.states() == {"a": "memory", "b": "processing"}
+    s(C1, ClientLeft(C1))
+    assert s.tasks == {}
+    assert s.state._holds == {}
+
+
+def test_parts_of_two_graphs_of_one_client_are_held_apart():
+    s = Sched(W1)
+    s(C1, ClientJoined(C1))
+    part(s, C1, [spec("a")], hold="g1")
+    part(s, C1, [spec("b")], hold="g2")
+    part(s, C1, [], hold="g2", more=False)  # g2 ends wanting nothing: b goes
+    assert set(s.tasks) == {"a"}
+    part(s, C1, [spec("c", "a")], wanted=["c"], hold="g1", more=False)
+    assert s.states() == {"a": "processing", "c": "waiting"}
+
+
 def test_independent_tasks_spread_over_workers_and_functions_travel_once():
     s = Sched(W1, W2)
     tasks = [spec(f"inc-{i}", fn="f1") for i in range(4)]

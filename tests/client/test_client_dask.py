@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from corral import Client, Future, LocalCluster, wait
@@ -187,3 +189,43 @@ def test_get_sync_false_returns_futures_in_key_nesting(c):
     assert isinstance(out, list) and isinstance(out[1], list)
     assert all(isinstance(f, Future) for f in [out[0], *out[1]])
     assert c.gather(out) == [1, [2, 3]]
+
+
+# -- big graphs go in parts -----------------------------------------------------------------
+def _add(x, y):
+    return x + y
+
+
+def _tree(leaves):
+    graph = {("leaf", i): (_add, i, 1) for i in range(leaves)}
+    level, keys = 0, [("leaf", i) for i in range(leaves)]
+    while len(keys) > 1:
+        level += 1
+        nxt = [("add", level, j) for j in range(len(keys) // 2)]
+        graph.update({k: (_add, keys[2 * j], keys[2 * j + 1]) for j, k in enumerate(nxt)})
+        keys = nxt
+    return graph, keys[0]
+
+
+def test_a_big_graph_is_sent_in_parts_and_leaves_nothing_behind():
+    from corral.client.client import GRAPH_PART_SIZE
+    from corral.protocol.messages import UpdateGraph
+
+    leaves = 2048  # 4,095 tasks: more than twice a part
+    assert 2 * leaves > 2 * GRAPH_PART_SIZE
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as cluster,
+        Client(cluster) as client,
+    ):
+        ops = cluster.scheduler.observer.client_ops
+        before = ops.get(UpdateGraph, 0)
+        graph, root = _tree(leaves)
+        assert client.get(graph, root) == sum(range(1, leaves + 1))
+        assert ops.get(UpdateGraph, 0) - before == -(-len(graph) // GRAPH_PART_SIZE)
+        state = cluster.scheduler.state
+        assert state._holds == {}
+        # The result went to the client and its future is gone: nothing is kept.
+        deadline = time.monotonic() + 10
+        while state.tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.tasks == {}

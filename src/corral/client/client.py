@@ -60,7 +60,7 @@ from ..versions import check_mode, get_versions
 from .consistency import ConsistencyMethods
 from .environments import EnvironmentMethods, environment_names
 from .future import Future, FutureState
-from .graph import execute_node, flatten_keys, graph_to_tasks, pack_results, stringify
+from .graph import ConvertedGraph, execute_node, flatten_keys, pack_results, stringify
 from .plugins import PluginMethods
 
 logger = logging.getLogger("corral.client")
@@ -70,6 +70,9 @@ LAZY_FLUSH_DELAY = 0.01
 
 #: ``map`` sends its tasks in messages of at most this many (``batch_size``).
 MAP_BATCH_SIZE = 2_000
+
+#: A graph of more than twice this many tasks is sent in parts of this many.
+GRAPH_PART_SIZE = 1_000
 
 _PLAIN = (int, float, str, bytes, bool, type(None), complex)
 
@@ -754,34 +757,55 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         resources = resources or glob.get("resources")
         environment = environment or glob.get("environment")
         per_task: dict[str, dict[str, Any]] = {}
-        tasks, _external = graph_to_tasks(dsk, table, annotations=per_task)
+        graph = ConvertedGraph(dsk, annotations=per_task)
         fid, fn_payload = self._function_id(execute_node)
         options = self._task_options(
             priority, workers, allow_other_workers, retries, resources, environment
         )
         base = options.pop("priority")
         annotated = {k: _annotated_options(k, a, options, base) for k, a in per_task.items()}
-        # Functions that travel by value go once per graph; every task may use them.
-        needs = list(table.payloads) or None
-        specs = []
-        for k, args, deps, order in tasks:
-            opts, prio = annotated.get(k) or (options, base)
-            specs.append(
-                TaskSpec(
-                    key=k,
-                    args=args,
-                    fn=fid,
-                    needs=needs,
-                    deps=deps,
-                    priority=[*prio, order],
-                    **opts,
-                )
-            )
         wanted = {stringify(k): k for k in keys}
         futures = {orig: Future(skey, self) for skey, orig in wanted.items()}
-        functions = {fid: fn_payload, **table.payloads}
-        self._send(UpdateGraph(tasks=specs, wanted=list(wanted), functions=functions))
+        # A big graph goes in parts, highest priority (inputs) first: the
+        # cluster starts on them while the rest is still being pickled.  The
+        # scheduler keeps each part's tasks until the last part arrives.
+        in_parts = graph.topological and len(graph.nodes) > 2 * GRAPH_PART_SIZE
+        hold = f"graph-{next(self._order)}" if in_parts else None
+        specs: list[TaskSpec] = []
+        for key in graph.keys if in_parts else graph.nodes:
+            packed = graph.pack(key, table)
+            if packed is None:
+                continue
+            k, args, deps, order = packed
+            opts, prio = annotated.get(k) or (options, base)
+            specs.append(
+                TaskSpec(key=k, args=args, fn=fid, deps=deps, priority=[*prio, order], **opts)
+            )
+            if in_parts and len(specs) >= GRAPH_PART_SIZE:
+                self._send_graph_part(specs, [], fid, fn_payload, table, hold, more=True)
+                specs = []
+        self._send_graph_part(specs, list(wanted), fid, fn_payload, table, hold, more=False)
         return futures
+
+    def _send_graph_part(
+        self,
+        specs: list[TaskSpec],
+        wanted: list[str],
+        fid: str,
+        fn_payload: Payload,
+        table: FunctionTable,
+        hold: str | None,
+        more: bool,
+    ) -> None:
+        # Functions that travel by value go with every part (they are few and
+        # small); every task of the part may use those met so far.
+        needs = list(table.payloads) or None
+        for spec in specs:
+            spec.needs = needs
+        functions = {fid: fn_payload, **table.payloads}
+        self._send(
+            UpdateGraph(tasks=specs, wanted=wanted, functions=functions, hold=hold, more=more)
+        )
 
     def get(
         self,

@@ -45,59 +45,91 @@ def execute_node(node: Any, values: dict[Hashable, Any]) -> Any:
     return node(values)
 
 
-def graph_to_tasks(
-    dsk: Any,
-    table: FunctionTable | None = None,
-    annotations: dict[str, dict[str, Any]] | None = None,
-) -> tuple[list[tuple[str, Payload, list[str], int]], set[str]]:
-    """Convert a dask graph into ``(key, args payload, dependency keys, order)`` tuples.
+#: One packed task: ``(key, args payload, dependency keys, priority)``.
+PackedTask = tuple[str, Payload, list[str], int]
 
-    Also returns the keys the graph refers to but does not define (existing
-    futures).  Aliases of a key to itself (a persisted collection pointing at
-    its own futures) produce no task.  Functions that must travel by value
-    (defined in ``__main__``, lambdas) are pickled once into ``table``.
+
+class ConvertedGraph:
+    """A dask graph converted to task-spec nodes and ordered, ready to pack.
+
+    :attr:`keys` lists the graph's keys highest priority first;
+    :attr:`topological` says whether every key comes after its inputs in that
+    order (``dask.order`` gives such an order), so that the graph may be sent
+    in parts.  :attr:`external` holds the keys the graph refers to but does not
+    define (existing futures).  Aliases of a key to itself (a persisted
+    collection pointing at its own futures) pack to no task.
 
     If ``annotations`` is given, it is filled with each task's ``dask.annotate``
-    annotations (scheduler key -> {"resources": ..., "retries": ...}), also for
-    tasks that dask's optimisation fused (see :func:`task_annotations`).
+    annotations (scheduler key -> {"resources": ..., "retries": ...}), also
+    for tasks that dask's optimisation fused (see :func:`task_annotations`).
     """
-    table = table if table is not None else FunctionTable()
-    from dask._task_spec import Alias, GraphNode, convert_legacy_graph
 
-    source = dsk
-    if hasattr(dsk, "__dask_graph__"):  # a dask expression, as dask.compute passes
-        dsk = dsk.__dask_graph__()
-    try:
-        from dask.order import order
+    def __init__(self, dsk: Any, annotations: dict[str, dict[str, Any]] | None = None) -> None:
+        from dask._task_spec import Alias, convert_legacy_graph
 
-        priorities = order(dsk) if len(dsk) > 1 else {}
-    except Exception:
-        priorities = {}
-    nodes = convert_legacy_graph(dict(dsk))
-    tasks = []
-    defined = {stringify(k) for k in nodes}
-    external: set[str] = set()
-    for i, (key, node) in enumerate(nodes.items()):
-        skey = stringify(key)
-        if isinstance(node, Alias) and stringify(node.target) == skey:
-            defined.discard(skey)
-            external.add(skey)
-            continue
+        source = dsk
+        if hasattr(dsk, "__dask_graph__"):  # a dask expression, as dask.compute passes
+            dsk = dsk.__dask_graph__()
+        self.nodes: dict[Hashable, Any] = convert_legacy_graph(dict(dsk))
+        self._alias = Alias
+        dependencies = {k: set(getattr(n, "dependencies", ())) for k, n in self.nodes.items()}
+        # Ordered after the conversion, with the dependencies already known:
+        # dask.order would otherwise convert the graph and find them again.
+        try:
+            from dask.order import order
+
+            priorities = order(self.nodes, dependencies=dependencies) if len(self.nodes) > 1 else {}
+        except Exception:
+            priorities = {}
+        position = {k: priorities.get(k, i) for i, k in enumerate(self.nodes)}
+        self.priorities = position
+        self.keys: list[Hashable] = sorted(self.nodes, key=position.__getitem__)
+        defined = {stringify(k) for k, n in self.nodes.items() if not self._is_self_alias(k, n)}
+        self.external: set[str] = {
+            stringify(d) for deps in dependencies.values() for d in deps
+        } - defined
+        self.topological = all(
+            position[d] < position[k]
+            for k, deps in dependencies.items()
+            for d in deps
+            if d in position and d != k
+        )
+        if annotations is not None:
+            annotations.update(task_annotations(source, self.nodes))
+
+    def _is_self_alias(self, key: Hashable, node: Any) -> bool:
+        return isinstance(node, self._alias) and stringify(node.target) == stringify(key)
+
+    def pack(self, key: Hashable, table: FunctionTable) -> PackedTask | None:
+        """The task for ``key``, its function pickled through ``table``; ``None`` for none."""
+        from dask._task_spec import GraphNode
+
+        node = self.nodes[key]
+        if self._is_self_alias(key, node):
+            return None
         if not isinstance(node, GraphNode):
             raise TypeError(f"graph value for {key!r} is not a task: {type(node).__name__}")
         node = _refs_for_futures(node)
         dep_map = {dep: Ref(stringify(dep)) for dep in node.dependencies}
         args, _ = table.dumps(((node, dep_map), {}))
-        tasks.append(
-            (skey, args, [stringify(d) for d in node.dependencies], priorities.get(key, i))
-        )
-    for _, _, deps, _ in tasks:
-        for d in deps:
-            if d not in defined:
-                external.add(d)
-    if annotations is not None:
-        annotations.update(task_annotations(source, nodes))
-    return tasks, external
+        deps = [stringify(d) for d in node.dependencies]
+        return stringify(key), args, deps, self.priorities[key]
+
+
+def graph_to_tasks(
+    dsk: Any,
+    table: FunctionTable | None = None,
+    annotations: dict[str, dict[str, Any]] | None = None,
+) -> tuple[list[PackedTask], set[str]]:
+    """Convert a dask graph into packed tasks (in the graph's order) and its external keys.
+
+    Functions that must travel by value (defined in ``__main__``, lambdas)
+    are pickled once into ``table``.  See :class:`ConvertedGraph`.
+    """
+    table = table if table is not None else FunctionTable()
+    graph = ConvertedGraph(dsk, annotations)
+    tasks = [t for k in graph.nodes if (t := graph.pack(k, table)) is not None]
+    return tasks, graph.external
 
 
 def _refs_for_futures(node: Any) -> Any:

@@ -527,6 +527,10 @@ class UpdateGraph(Message):
     tasks: list[TaskSpec]
     wanted: list[str]
     functions: dict[str, Payload] = dataclasses.field(default_factory=dict)
+    # A graph sent in parts: parts with ``more`` are computed and kept under
+    # the id ``hold`` until the part without ``more`` (same id) arrives.
+    hold: str | None = None
+    more: bool = False
 
 
 @record

@@ -199,6 +199,15 @@ class FunctionTable:
 
     def dumps(self, obj: Any) -> tuple[Payload, list[str]]:
         """Pickle ``obj``; return the payload and the function ids it refers to."""
+        # Fast path, all in C: plain pickle refuses lambdas and local functions
+        # and names __main__ for the rest of what must travel by value.
+        try:
+            head = pickle.dumps(obj, protocol=5)
+        except Exception:
+            pass
+        else:
+            if b"__main__" not in head:
+                return Payload("pickle", [head]), []
         buf = io.BytesIO()
         pickler = _TablePickler(buf, self)
         try:

@@ -110,6 +110,7 @@ class TaskState:
         "environment",
         "error",
         "fn",
+        "holds",
         "key",
         "nbytes",
         "needs",
@@ -161,6 +162,7 @@ class TaskState:
         self.environment: list[str] | None = None
         self.prefix = key_prefix(key)
         self._alone: frozenset[TaskState] | None = None
+        self.holds = 0  # open parts of graphs being sent that keep this task (UpdateGraph.hold)
 
     def alone(self) -> frozenset[TaskState]:
         """A frozen set holding just this task, shared by every dependent waiting on it alone.
@@ -306,6 +308,8 @@ class SchedulerState:
         # client -> frozenset({client}): what ``who_wants`` holds for the (usual)
         # task wanted by one client, shared instead of a set per task.
         self._only_client: dict[str, frozenset[str]] = {}
+        # (client, hold id) -> tasks kept for a graph still arriving in parts.
+        self._holds: dict[tuple[str, str], list[TaskState]] = {}
         # Registered worker environments: name -> current registration id.
         self.environments: dict[str, str] = {}
         self.allowed_failures = allowed_failures
@@ -395,6 +399,8 @@ class SchedulerState:
 
     def _client_left(self, client: str, event: ClientLeft) -> None:
         self._only_client.pop(event.client, None)
+        for hold in [h for h in self._holds if h[0] == event.client]:
+            self._drop_hold(hold)
         wanted = self.clients.pop(event.client, set())
         for ts in wanted:
             ts.who_wants = _shrink(ts.who_wants, event.client)
@@ -501,9 +507,36 @@ class SchedulerState:
             ts.dependents = _NONE  # all doomed too
         for ts in orphans:
             self._forget_if_unneeded(ts)
+        if msg.hold is not None and msg.more:
+            self._hold(client, msg.hold, [spec.key for spec in msg.tasks if spec.key not in doomed])
         for ts, _ in new:
             if ts.state == "released":
                 self._forget_if_unneeded(ts)
+        if msg.hold is not None and not msg.more:
+            self._drop_hold((client, msg.hold))
+
+    def _hold(self, client: str, hold: str, keys: list[str]) -> None:
+        """Compute and keep these tasks: the rest of their graph is on its way.
+
+        Its first parts start running while the client still packs the rest;
+        nothing is released before the last part says what is wanted.
+        """
+        held = self._holds.setdefault((client, hold), [])
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            ts.holds += 1
+            held.append(ts)
+            if ts.state == "released":
+                self._make_waiting(ts)
+
+    def _drop_hold(self, hold: tuple[str, str]) -> None:
+        held = self._holds.pop(hold, [])
+        for ts in held:
+            ts.holds -= 1
+        for ts in held:
+            self._release_if_unneeded(ts)
 
     def _release_keys(self, client: str, msg: ReleaseKeys) -> None:
         wanted = self.clients.get(client, set())
@@ -962,7 +995,7 @@ class SchedulerState:
                 self._ready.append(ts)
 
     def _needed(self, ts: TaskState) -> bool:
-        return bool(ts.who_wants or ts.waiters)
+        return bool(ts.who_wants or ts.waiters or ts.holds)
 
     def _release_if_unneeded(self, root: TaskState) -> None:
         """Free the data and computation of tasks no client or dependent needs."""
@@ -999,7 +1032,7 @@ class SchedulerState:
         stack = [root]
         while stack:
             ts = stack.pop()
-            if ts.state != "released" or ts.who_wants or ts.dependents:
+            if ts.state != "released" or ts.who_wants or ts.dependents or ts.holds:
                 continue
             if self.tasks.get(ts.key) is not ts:
                 continue
@@ -1222,6 +1255,12 @@ class SchedulerState:
                 assert ts in self.clients.get(c, ()), (ts, c)
         for ts in self.unrunnable:
             assert ts.state == "no-worker"
+        holds: dict[TaskState, int] = {}
+        for held in self._holds.values():
+            for ts in held:
+                holds[ts] = holds.get(ts, 0) + 1
+        for ts in self.tasks.values():
+            assert ts.holds == holds.get(ts, 0), (ts, ts.holds)
         assert self._running.keys() == self._estimates.keys()
         running: dict[str, dict[WorkerInfo, int]] = {}
         for ws in self.workers.values():
