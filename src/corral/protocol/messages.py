@@ -93,6 +93,37 @@ def _at(convert: Converter, value: Any, where: str) -> Any:
         raise ProtocolError(f"{where}: {exc}") from None
 
 
+def _list_of(convert: Converter, check: Converter) -> Converter:
+    """Convert every item of an array; an error names the item's position."""
+
+    def convert_list(value: Any) -> list[Any]:
+        items = check(value)
+        try:
+            return [convert(x) for x in items]
+        except ProtocolError:
+            # Found again item by item: naming it costs nothing on the good path.
+            for i, x in enumerate(items):
+                _at(convert, x, f"item {i}")
+            raise
+
+    return convert_list
+
+
+def _map_of(convert: Converter, check: Converter) -> Converter:
+    """Convert every value of a map; an error names the key."""
+
+    def convert_map(value: Any) -> dict[Any, Any]:
+        entries = check(value)
+        try:
+            return {k: convert(x) for k, x in entries.items()}
+        except ProtocolError:
+            for k, x in entries.items():
+                _at(convert, x, f"key {k!r}")
+            raise
+
+    return convert_map
+
+
 def _string_keys(check: Converter) -> Converter:
     """Wrap a map check: every key must be a string (ids, keys and names are)."""
 
@@ -142,7 +173,7 @@ def _converter(tp: Any) -> Converter:
         check = _expect(list, "an array")
         if item_conv is _any:
             return check
-        return lambda v: [_at(item_conv, x, f"item {i}") for i, x in enumerate(check(v))]
+        return _list_of(item_conv, check)
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp) or (Any, Any)
         value_conv = _converter(value_tp)
@@ -151,7 +182,7 @@ def _converter(tp: Any) -> Converter:
             check = _string_keys(check)
         if value_conv is _any:
             return check
-        return lambda v: {k: _at(value_conv, x, f"key {k!r}") for k, x in check(v).items()}
+        return _map_of(value_conv, check)
     if tp is list:
         return _expect(list, "an array")
     if tp is dict:
