@@ -55,9 +55,8 @@ class ConvertedGraph:
     :attr:`keys` lists the graph's keys highest priority first;
     :attr:`topological` says whether every key comes after its inputs in that
     order (``dask.order`` gives such an order), so that the graph may be sent
-    in parts.  :attr:`external` holds the keys the graph refers to but does not
-    define (existing futures).  Aliases of a key to itself (a persisted
-    collection pointing at its own futures) pack to no task.
+    in parts.  Aliases of a key to itself (a persisted collection pointing at
+    its own futures) pack to no task.
 
     If ``annotations`` is given, it is filled with each task's ``dask.annotate``
     annotations (scheduler key -> {"resources": ..., "retries": ...}), also
@@ -84,10 +83,6 @@ class ConvertedGraph:
         position = {k: priorities.get(k, i) for i, k in enumerate(self.nodes)}
         self.priorities = position
         self.keys: list[Hashable] = sorted(self.nodes, key=position.__getitem__)
-        defined = {stringify(k) for k, n in self.nodes.items() if not self._is_self_alias(k, n)}
-        self.external: set[str] = {
-            stringify(d) for deps in dependencies.values() for d in deps
-        } - defined
         self.topological = all(
             position[d] < position[k]
             for k, deps in dependencies.items()
@@ -114,22 +109,6 @@ class ConvertedGraph:
         args, _ = table.dumps(((node, dep_map), {}))
         deps = [stringify(d) for d in node.dependencies]
         return stringify(key), args, deps, self.priorities[key]
-
-
-def graph_to_tasks(
-    dsk: Any,
-    table: FunctionTable | None = None,
-    annotations: dict[str, dict[str, Any]] | None = None,
-) -> tuple[list[PackedTask], set[str]]:
-    """Convert a dask graph into packed tasks (in the graph's order) and its external keys.
-
-    Functions that must travel by value (defined in ``__main__``, lambdas)
-    are pickled once into ``table``.  See :class:`ConvertedGraph`.
-    """
-    table = table if table is not None else FunctionTable()
-    graph = ConvertedGraph(dsk, annotations)
-    tasks = [t for k in graph.nodes if (t := graph.pack(k, table)) is not None]
-    return tasks, graph.external
 
 
 def _refs_for_futures(node: Any) -> Any:
