@@ -397,13 +397,56 @@ async def open_connection(
     return conn
 
 
+class Server:
+    """A listening port and the connections it accepted.
+
+    Closing it stops listening, closes every accepted connection and cancels
+    their handlers, so no handler is left waiting when the event loop ends.
+    """
+
+    def __init__(self) -> None:
+        self.listener: asyncio.Server | None = None
+        self._handlers: dict[asyncio.Task[Any], Connection] = {}
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets (``sockets[0].getsockname()`` gives the port)."""
+        assert self.listener is not None
+        return tuple(self.listener.sockets)
+
+    def _serve(self, on_connection: Callable[[Connection], Any], conn: Connection) -> None:
+        task = asyncio.get_running_loop().create_task(on_connection(conn))
+        self._handlers[task] = conn
+        task.add_done_callback(lambda t: self._handlers.pop(t, None))
+
+    def close(self) -> None:
+        """Stop listening; close the accepted connections and cancel their handlers."""
+        if self.listener is not None:
+            self.listener.close()
+        for task, conn in list(self._handlers.items()):
+            conn.close("server closing")
+            task.cancel()
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        """Wait (up to ``timeout`` seconds) until every handler has ended."""
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=timeout)
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
 async def start_server(
     host: str,
     port: int,
     on_connection: Callable[[Connection], Any],
     max_frame_bytes: int | None = None,
     ssl_context: ssl.SSLContext | None = None,
-) -> asyncio.Server:
+) -> Server:
     """Listen on ``host:port``; run ``on_connection(conn)`` (a coroutine) per connection.
 
     With ``ssl_context`` (a server context) the port speaks TLS only; a peer
@@ -413,14 +456,12 @@ async def start_server(
     if max_frame_bytes is None:
         max_frame_bytes = default_max_frame_bytes()
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[Any]] = set()
+    server = Server()
 
     def connected(conn: Connection) -> None:
-        task = loop.create_task(on_connection(conn))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        server._serve(on_connection, conn)
 
-    return await loop.create_server(
+    server.listener = await loop.create_server(
         lambda: Connection(max_frame_bytes=max_frame_bytes, on_connected=connected, guarded=True),
         host,
         port,
@@ -428,6 +469,7 @@ async def start_server(
         ssl=ssl_context,
         ssl_handshake_timeout=_handshake_timeout() if ssl_context is not None else None,
     )
+    return server
 
 
 def _handshake_timeout() -> float:

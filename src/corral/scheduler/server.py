@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import config, logs
-from ..comm import Connection, format_address, start_server
+from ..comm import Connection, Server, format_address, start_server
 from ..comm.handshake import accept
 from ..comm.security import Security, server_ssl, warn_if_exposed, write_scheduler_file
 from ..protocol.messages import (
@@ -121,7 +121,7 @@ class Scheduler:
         self.address = ""
         self.status = "created"
         self.started = time.time()
-        self._server: asyncio.Server | None = None
+        self._server: Server | None = None
         self._streams: dict[str, Connection] = {}
         self._closed = asyncio.Event()
         self.requests: dict[str, Callable[..., Any]] = {
@@ -199,6 +199,7 @@ class Scheduler:
             conn.close("scheduler closing")
         if self._server is not None:
             self._server.close()
+            await self._server.wait_closed()
         self._accepting.set()
         await self._plugin_host.close()  # plugins' before_close/close, preload teardowns
         await self._stop_dashboard()

@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from ..comm import Connection, connect, format_address, parse_address, start_server
+from ..comm import Connection, Server, connect, format_address, parse_address, start_server
 from ..comm.handshake import accept
 from ..comm.security import Security, server_ssl, warn_if_exposed
 from ..errors import CommClosedError, HandshakeError, SerializationError
@@ -146,7 +146,7 @@ class Worker:
         self.functions = FunctionCache()
         self.status = "created"
         self._scheduler: Connection | None = None
-        self._server: asyncio.Server | None = None
+        self._server: Server | None = None
         self._pool: ThreadPool | None = None
         self._peers: dict[str, Connection] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -292,6 +292,7 @@ class Worker:
             self._scheduler.close(reason)
         if self._server is not None:
             self._server.close()
+            await self._server.wait_closed()
         for conn in self._peers.values():
             conn.close()
         if self._pool is not None:
