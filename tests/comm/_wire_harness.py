@@ -14,7 +14,7 @@ import itertools
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -210,7 +210,9 @@ class Harness:
         assert welcome["op"] == "welcome", welcome
         return peer
 
-    def assert_healthy(self, client: Client, bystanders: list[tuple[str, RawPeer]] = ()) -> None:
+    def assert_healthy(
+        self, client: Client, bystanders: Sequence[tuple[str, RawPeer]] = ()
+    ) -> None:
         """Everything but the attacking connection still works, and the state is sound."""
         n = next(self._ids)
         for target, peer in bystanders:

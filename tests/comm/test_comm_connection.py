@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from corral.comm import Security, open_connection, start_server
+from corral.comm import Security, Server, open_connection, start_server
 from corral.comm.connection import HANDSHAKE_MAX_FRAME_BYTES, Connection, format_address
 from corral.errors import CommClosedError
 from corral.protocol import Payload
@@ -21,7 +21,7 @@ from corral.protocol.messages import Data, GetData, Heartbeat, Refused, Store
 
 async def pair(
     serve: Callable[[Connection], Awaitable[Any]] | None = None, **server_kwargs: Any
-) -> tuple[asyncio.Server, Connection, asyncio.Future[Connection]]:
+) -> tuple[Server, Connection, asyncio.Future[Connection]]:
     """A server and a connection to it; the future gives the server's side."""
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future[Connection] = loop.create_future()
@@ -225,5 +225,29 @@ def test_recv_times_out_without_closing() -> None:
             conn.send(GetData(keys=["still fine"]))
             assert await theirs.recv(timeout=5) == GetData(keys=["still fine"])
             conn.close()
+
+    asyncio.run(main())
+
+
+def test_closing_a_server_closes_what_it_accepted_and_ends_the_handlers() -> None:
+    ended: list[str] = []
+
+    async def serve(conn: Connection) -> None:
+        try:
+            while True:
+                await conn.recv()
+        except CommClosedError:
+            ended.append("closed")
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    async def main() -> None:
+        server, conn, accepted = await pair(serve)
+        await accepted
+        server.close()
+        await server.wait_closed()
+        assert ended, "the handler was still waiting after the server closed"
+        await asyncio.wait_for(conn.wait_closed(), 5)  # the client side sees it go
 
     asyncio.run(main())

@@ -14,7 +14,7 @@ import pytest
 from _wire_harness import Harness, RawPeer
 
 from corral import Client
-from corral.comm import connect, start_server
+from corral.comm import Server, connect, start_server
 from corral.comm.connection import Connection, format_address
 from corral.comm.handshake import answer_challenge
 from corral.errors import HandshakeError, ProtocolError
@@ -179,7 +179,7 @@ def test_the_token_never_crosses_the_wire(secured: Harness) -> None:
 
 
 # -- the connector's side --------------------------------------------------------------
-async def fake_server(on_connection: object) -> tuple[asyncio.Server, str]:
+async def fake_server(on_connection: object) -> tuple[Server, str]:
     server = await start_server("127.0.0.1", 0, on_connection)  # type: ignore[arg-type]
     return server, format_address("127.0.0.1", server.sockets[0].getsockname()[1])
 
