@@ -197,11 +197,11 @@ def _add(x, y):
 
 
 def _tree(leaves):
-    graph = {("leaf", i): (_add, i, 1) for i in range(leaves)}
+    graph: dict = {("leaf", i): (_add, i, 1) for i in range(leaves)}
     level, keys = 0, [("leaf", i) for i in range(leaves)]
     while len(keys) > 1:
         level += 1
-        nxt = [("add", level, j) for j in range(len(keys) // 2)]
+        nxt: list = [("add", level, j) for j in range(len(keys) // 2)]
         graph.update({k: (_add, keys[2 * j], keys[2 * j + 1]) for j, k in enumerate(nxt)})
         keys = nxt
     return graph, keys[0]
@@ -217,6 +217,7 @@ def test_a_big_graph_is_sent_in_parts_and_leaves_nothing_behind():
         LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as cluster,
         Client(cluster) as client,
     ):
+        assert cluster.scheduler is not None
         ops = cluster.scheduler.observer.client_ops
         before = ops.get(UpdateGraph, 0)
         graph, root = _tree(leaves)
