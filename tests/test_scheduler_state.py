@@ -942,6 +942,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.specs: dict[str, TaskSpec] = {}
         self.counter = 0
         self.scatter_id = 0
+        # Graphs a client is still sending in parts (UpdateGraph.hold with more).
+        self.open_holds: dict[str, set[str]] = {c: set() for c in CLIENTS}
         # Runs that finished on a worker before it read the FreeKeys that ended them.
         self.stale: list[tuple[str, str, int]] = []
 
@@ -1156,9 +1158,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         wanted = data.draw(st.lists(st.sampled_from(keys), min_size=1, unique=True)) if keys else []
         fns = {t.fn for t in batch if t.fn is not None}
         self.wanted[client].update(wanted)
+        # Sometimes a part of a graph sent in parts: held until its last part.
+        hold = data.draw(st.sampled_from([None, None, None, "g1", "g2"]), label="hold")
+        more = hold is not None and data.draw(st.booleans(), label="more")
+        if hold is not None:
+            (self.open_holds[client].add if more else self.open_holds[client].discard)(hold)
+        functions = {f: FUNCTIONS[f] for f in fns}
         self.handle(
             client,
-            UpdateGraph(tasks=batch, wanted=wanted, functions={f: FUNCTIONS[f] for f in fns}),
+            UpdateGraph(tasks=batch, wanted=wanted, functions=functions, hold=hold, more=more),
         )
 
     @precondition(lambda self: self.stale)
@@ -1220,6 +1228,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def client_leaves_and_comes_back(self, client):
         self.wanted[client].clear()
         self.last[client].clear()
+        self.open_holds[client].clear()
         self.handle(client, ClientLeft(client))
         self.handle(client, ClientJoined(client))
 
@@ -1268,6 +1277,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                     assert ts.state == "erred", (key, ts.state, self.s.story(key))
                     assert isinstance(last, KeyErred) and last.error == ts.error, (key, last)
         # The clients let go: the scheduler forgets everything and every copy is freed.
+        for hold in sorted(self.open_holds[C1]):  # C1 ends the graphs it was sending
+            self.handle(C1, UpdateGraph(tasks=[], wanted=[], hold=hold, more=False))
         self.handle(C1, ReleaseKeys(keys=sorted(self.wanted[C1])))
         self.handle(C2, ClientLeft(C2))
         assert self.s.tasks == {}, self.s.task_counts()
