@@ -646,7 +646,7 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             ),
         )
         future = Future(key, self)
-        self._send(UpdateGraph(tasks=[spec], wanted=[key], functions={fid: fn_payload}))
+        self._send_tasks([spec], {fid: fn_payload})
         return future
 
     def map(
