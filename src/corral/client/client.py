@@ -226,6 +226,8 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
                 await self.cluster._close()
             raise
         self._conn = conn
+        if self._loop_thread is not None:
+            conn.allow_thread_writes()  # user threads write submits themselves
         # The scheduler's services (its dashboard port): see dashboard_link.
         self._services: dict[str, Any] = dict((welcome.info or {}).get("services") or {})
         conn.set_handler(self._on_messages)
@@ -408,6 +410,8 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
                 out.append(msg)
             if self._flush_scheduled:
                 return
+            if urgent and self._write_here(out):
+                return
             if urgent:
                 self._flush_scheduled = True
             elif self._lazy_flush_scheduled:
@@ -421,6 +425,19 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             loop.call_soon(flush)
         else:
             loop.call_soon_threadsafe(flush)
+
+    def _write_here(self, out: list[Message]) -> bool:
+        """Write ``out`` (the pending messages) from this user thread, sparing a loop wake-up.
+
+        Called with the lock held.  Declines in the loop's own thread (which
+        batches instead) and whenever the connection cannot take a direct
+        write; see :meth:`Connection.send_from_thread`.
+        """
+        conn = self._conn
+        if conn is None or self._in_loop() or not conn.send_from_thread(out):
+            return False
+        self._pending_out = []
+        return True
 
     def _flush_pending_later(self) -> None:
         assert self.loop is not None

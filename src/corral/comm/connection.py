@@ -8,6 +8,11 @@ hot path: no coroutine per message) or queued for :meth:`Connection.recv`.
 Sending is batched by the event loop: :meth:`Connection.send` appends to an
 outbox and schedules one flush for the end of the current loop iteration, so
 a lone message leaves at once while a burst leaves as one write.
+
+A connection can also be written from another thread
+(:meth:`Connection.send_from_thread`): a synchronous client's user thread
+writes a submit straight to the socket instead of waking the event loop to
+do it, which takes a thread hand-off out of every round trip.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import typing
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +56,10 @@ WRITE_CHUNK = 1024 * 1024
 WRITE_HIGH_WATER = 1
 WRITE_LOW_WATER = 0
 
+#: :meth:`Connection.send_from_thread` writes at most this much itself; more
+#: goes through the event loop, which feeds big buffers in pieces.
+THREAD_WRITE_MAX = 256 * 1024
+
 #: Until a server has accepted the handshake, a peer may send only small
 #: messages: an unauthenticated stranger must not make it allocate big buffers.
 HANDSHAKE_MAX_FRAME_BYTES = 1024**2
@@ -80,6 +90,10 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._flush_soon = False
         self._write_paused = False
+        # Taken by every write: the event loop's flushes and send_from_thread.
+        self._write_lock = threading.RLock()
+        self._thread_fd: int | None = None  # our own descriptor for send_from_thread
+        self._handing_over = False  # a thread's unwritten rest is on its way to the loop
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._handler: Handler | None = None
@@ -127,6 +141,10 @@ class Connection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        with self._write_lock:
+            if self._thread_fd is not None:
+                os.close(self._thread_fd)
+                self._thread_fd = None
         self.lost_exception = exc
         if self.close_reason is None:
             self.close_reason = f"connection lost: {exc}" if exc else "closed by peer"
@@ -241,7 +259,11 @@ class Connection(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         self._flush_handle = None
         self._flush_soon = False
-        if self._write_paused or not self._outbox or self._transport is None:
+        with self._write_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._write_paused or self._handing_over or not self._outbox or self._transport is None:
             return
         if self._transport.is_closing():
             self._outbox.clear()
@@ -261,9 +283,13 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 queue.append(view)
         if queue:
-            self._pump()
+            self._pump_locked()
 
     def _pump(self) -> None:
+        with self._write_lock:
+            self._pump_locked()
+
+    def _pump_locked(self) -> None:
         """Hand queued large buffers to the transport a chunk at a time.
 
         Transports copy what the socket does not take at once, and some
@@ -274,7 +300,7 @@ class Connection(asyncio.BufferedProtocol):
         """
         queue = self._write_queue
         transport = self._transport
-        while queue and not self._write_paused and transport is not None:
+        while queue and not self._write_paused and not self._handing_over and transport is not None:
             view = queue[0]
             if view.nbytes <= WRITE_CHUNK:
                 queue.popleft()
@@ -282,6 +308,81 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 transport.write(view[:WRITE_CHUNK])
                 queue[0] = view[WRITE_CHUNK:]
+
+    # -- writing from another thread ---------------------------------------------------
+    def allow_thread_writes(self) -> None:
+        """Let :meth:`send_from_thread` write this connection's socket directly.
+
+        Plain TCP on POSIX only (TLS state lives in the transport); elsewhere
+        :meth:`send_from_thread` always declines.  Call from the event loop.
+        """
+        transport = self._transport
+        if os.name != "posix" or transport is None or transport.is_closing():
+            return
+        if transport.get_extra_info("sslcontext") is not None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        with self._write_lock:
+            # Our own descriptor: however the loop closes its own, ours never
+            # names another file; the socket ends when both are closed.
+            self._thread_fd = os.dup(sock.fileno())
+
+    def send_from_thread(self, msgs: list[Message]) -> bool:
+        """Write ``msgs`` now from the calling (non-loop) thread; False if it must not.
+
+        It writes only when nothing is queued ahead (in this connection or in
+        its transport), so messages keep their order; otherwise, or for TLS,
+        a paused or closed stream, or more than :data:`THREAD_WRITE_MAX`
+        bytes, nothing is written and the caller sends through the loop.
+        What the socket does not take at once goes to the loop, ahead of
+        anything queued later.
+        """
+        with self._write_lock:
+            fd, transport = self._thread_fd, self._transport
+            if (
+                fd is None
+                or transport is None
+                or self._outbox
+                or self._write_queue
+                or self._write_paused
+                or self._handing_over
+                or self.closed
+                or transport.get_write_buffer_size()
+            ):
+                return False
+            frames = self._encoder.encode(msgs)
+            buffers = encode_frames(frames)
+            total = sum(memoryview(b).nbytes for b in buffers)
+            if total > THREAD_WRITE_MAX:
+                self._write_queue.extend(memoryview(b).cast("B") for b in buffers)
+                self._hand_over()
+                return True
+            data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+            try:
+                written = os.write(fd, data)
+            except (BlockingIOError, InterruptedError):
+                written = 0
+            except OSError:
+                # Broken socket: the loop sees it too and closes the connection.
+                return True
+            if written < len(data):
+                self._write_queue.append(memoryview(data)[written:])
+                self._hand_over()
+            return True
+
+    def _hand_over(self) -> None:
+        """Have the loop write the queued rest of a thread's message before anything else."""
+        self._handing_over = True
+        self._loop.call_soon_threadsafe(self._write_handed_over)
+
+    def _write_handed_over(self) -> None:
+        with self._write_lock:
+            self._handing_over = False
+            self._pump_locked()
+            if self._outbox and not self._flush_soon:
+                self._schedule_flush(0.0)
 
     @property
     def closed(self) -> bool:
@@ -304,21 +405,24 @@ class Connection(asyncio.BufferedProtocol):
         if self.close_reason is None:
             self.close_reason = reason
         if self._transport is not None and not self._transport.is_closing():
-            self._write_paused = False  # the transport keeps what it cannot send yet
-            self._flush()
-            while self._write_queue:
-                self._transport.write(self._write_queue.popleft())
-            self._transport.close()
+            with self._write_lock:
+                self._write_paused = False  # the transport keeps what it cannot send yet
+                self._handing_over = False  # the rest is at the head of the queue
+                self._flush_locked()
+                while self._write_queue:
+                    self._transport.write(self._write_queue.popleft())
+                self._transport.close()
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once (bad input): log the reason."""
         if self.close_reason is None:
             self.close_reason = reason
             logger.warning("closing connection to %s: %s", self.peer, reason)
-        self._outbox.clear()
-        self._write_queue.clear()
-        if self._transport is not None:
-            self._transport.abort()
+        with self._write_lock:
+            self._outbox.clear()
+            self._write_queue.clear()
+            if self._transport is not None:
+                self._transport.abort()
 
 
 #: TCP keepalive: a peer that vanished without closing (host down, cable cut) is
