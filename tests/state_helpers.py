@@ -57,8 +57,14 @@ def erred(key: str, run_id: int = 1, err: ErrorInfo | None = None) -> TaskErred:
     return TaskErred(key=key, run_id=run_id, error=err if err is not None else error())
 
 
+#: The client the unit tests submit from (their ``C1``).
+WANTING_CLIENT = "client-1"
+
+
 def ctask(key: str, run_id: int = 1, **kwargs: Any) -> ComputeTask:
-    """A task as the scheduler hands it to a worker."""
+    """A task as the scheduler hands it to a worker (``send_result``: wanted by C1)."""
+    if kwargs.get("send_result") and "notify" not in kwargs:
+        kwargs["notify"] = [WANTING_CLIENT]
     return ComputeTask(key=key, args=ARGS, run_id=run_id, **kwargs)
 
 

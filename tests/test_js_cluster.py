@@ -145,7 +145,7 @@ def test_map_with_a_runtime_and_routing_never_mixes(mixed):
     py = client.map(lambda x: x + 1, range(20))
     assert client.gather(js) == [i + 100 for i in range(20)]
     assert client.gather(py) == [i + 1 for i in range(20)]
-    assert all(r == {"js"} for r in holders(client, js).values())
+    assert all(r == {"js"} for r in holders(client, js).values()), holders(client, js)
     assert all(r == {"python"} for r in holders(client, py).values())
     with pytest.raises(TypeError, match="runtime="):
         client.submit("mathlib:add", 1, 2)
@@ -223,3 +223,31 @@ def test_python_only_features_meet_javascript_workers(mixed):
         client.run(lambda: 1, workers=[js_addr])
     # The worker is still fine.
     assert client.submit("mathlib:add", 2, 3, runtime="js", workers=[js_addr]).result() == 5
+
+
+def test_javascript_workers_push_results_to_a_watching_client(mixed):
+    """watch_results is part of the protocol: the JavaScript worker pushes small results."""
+    client, _, _ = mixed
+    js_workers = {w["address"] for w in workers_by_runtime(client)["js"]}
+    first = client.map("mathlib:sum", [[i, 1] for i in range(20)], runtime="js", pure=False)
+    assert client.gather(first) == [i + 1 for i in range(20)]
+    wait_for(
+        lambda: all(client._watching.get(a) is not None for a in js_workers),
+        what="the client to watch both JavaScript workers",
+    )
+    relayed: list[str] = []
+    original = client._on_messages
+
+    def on_messages(batch):
+        relayed.extend(m.key for m in batch if type(m).__name__ == "KeyInMemory")
+        original(batch)
+
+    client._conn.set_handler(on_messages)
+    try:
+        futures = [
+            client.submit("mathlib:sum", [i, 2], runtime="js", pure=False) for i in range(20)
+        ]
+        assert [f.result(timeout=30) for f in futures] == [i + 2 for i in range(20)]
+    finally:
+        client._conn.set_handler(original)
+    assert not set(relayed) & {f.key for f in futures}

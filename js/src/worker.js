@@ -350,12 +350,14 @@ export class Worker {
     if (!events.length) return;
     const instructions = this.state.handle(events);
     const sends = [];
+    const pushes = [];
     for (const inst of instructions) {
       switch (inst.type) {
         case "execute":
           this.#execute(inst.spec, this.generation);
           break;
         case "send":
+          if (inst.msg.op === "task_finished" && this.watchers?.size) pushes.push(...this.#pushesFor(inst.msg));
           sends.push(inst.msg);
           break;
         case "gather":
@@ -369,7 +371,26 @@ export class Worker {
       }
     }
     if (sends.length && this.scheduler && !this.scheduler.closed) this.scheduler.send(...sends);
+    // The clients' copies after: the scheduler hears of a result before they do.
+    for (const [conn, push] of pushes) conn.send(push);
     if (!this.state.tasks.size) this.functions.clear();
+  }
+
+  /** The key_in_memory copies of a small result for the waiting clients watching here; lists them in msg.notified. */
+  #pushesFor(msg) {
+    if (msg.result === undefined) return [];
+    const notify = this.state.tasks.get(msg.key)?.spec?.notify;
+    if (!Array.isArray(notify)) return [];
+    const pushes = [];
+    const told = [];
+    for (const clientId of notify) {
+      const conn = this.watchers.get(clientId);
+      if (!conn || conn.closed) continue;
+      pushes.push([conn, { op: "key_in_memory", key: msg.key, who_has: [this.address], typename: msg.typename, result: msg.result }]);
+      told.push(clientId);
+    }
+    if (told.length) msg.notified = told;
+    return pushes;
   }
 
   // -- running tasks ------------------------------------------------------------------
@@ -477,13 +498,18 @@ export class Worker {
       conn.abort("worker closing");
       return;
     }
+    let hello;
     try {
-      await accept(conn, { role: "worker", serverId: this.id, token: this.token, allowedRoles: ["peer", "client", "worker"] });
+      hello = await accept(conn, { role: "worker", serverId: this.id, token: this.token, allowedRoles: ["peer", "client", "worker"] });
     } catch {
       return;
     }
     conn.setHandler((ops) => {
       for (const msg of ops) {
+        if (msg.op === "watch_results" && hello.role === "client") {
+          this.#watch(hello.id, conn);
+          continue;
+        }
         if (msg.op !== "get_data") throw new ProtocolError(`op '${msg.op}' is not served on a worker's peer port`);
         need(Array.isArray(msg.keys) && msg.keys.every(isStr), "get_data.keys must be an array of strings");
         const data = {};
@@ -495,6 +521,17 @@ export class Worker {
         }
         conn.send({ op: "data", data, missing });
       }
+    });
+  }
+
+  /** Push clientId's small results on conn until it closes (a newer watch replaces it). */
+  #watch(clientId, conn) {
+    this.watchers ??= new Map();
+    const old = this.watchers.get(clientId);
+    if (old && old !== conn) old.close("replaced by a newer watch_results connection");
+    this.watchers.set(clientId, conn);
+    conn.onClose(() => {
+      if (this.watchers.get(clientId) === conn) this.watchers.delete(clientId);
     });
   }
 

@@ -353,6 +353,19 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("client.timeout", 30.0, _float(0.0, strict=True), "Seconds a client waits to connect."),
     Option(
+        "client.direct-results",
+        True,
+        _bool,
+        "Receive small results straight from the worker that computed them"
+        " (watch_results), instead of relayed by the scheduler.",
+    ),
+    Option(
+        "client.direct-results-max-workers",
+        64,
+        _int(0),
+        "Most workers one client watches for direct results (one connection each).",
+    ),
+    Option(
         "comm.max-frame-size",
         "4GiB",
         _frame_size,

@@ -11,6 +11,7 @@ calling thread and queue one message.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import logging
@@ -43,6 +44,7 @@ from ..protocol.messages import (
     SetResources,
     TaskSpec,
     UpdateGraph,
+    WatchResults,
 )
 from ..protocol.serialize import (
     REF_KEY,
@@ -157,11 +159,20 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         self._futures: dict[str, FutureState] = {}
         self._conn: Connection | None = None
         self._workers: dict[str, Connection] = {}
+        # Workers that push this client's small results to it (watch_results):
+        # address -> connection, or None while connecting or after a failure.
+        self._watching: dict[str, Connection | None] = {}
+        self._watch_max = (
+            int(config.get("client.direct-results-max-workers"))
+            if config.get("client.direct-results")
+            else 0
+        )
         self._worker_locks: dict[str, asyncio.Lock] = {}
         self._requests: dict[int, asyncio.Future[Any]] = {}
         self._request_ids = itertools.count(1)
         self._order = itertools.count()
         self._pending_out: list[Message] = []
+        self._watch_tasks: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
         self._lazy_flush_scheduled = False
         self._functions: dict[int, tuple[Any, str, Payload]] = {}
@@ -265,6 +276,9 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             self._conn.close("client closing")
         for conn in self._workers.values():
             conn.close()
+        for watch in self._watching.values():
+            if watch is not None:
+                watch.close("client closing")
         for fs in list(self._futures.values()):
             if not fs.done():
                 fs.cancel("the client was closed")
@@ -487,6 +501,10 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
                 fs = futures.get(msg.key)
                 if fs is not None:
                     fs.finish(msg.who_has, msg.typename, msg.result)
+                if msg.result is not None and len(self._watching) < self._watch_max:
+                    for address in msg.who_has:
+                        if address not in self._watching:
+                            self._watch(address)
             elif kind is KeyErred:
                 assert isinstance(msg, KeyErred)
                 fs = futures.get(msg.key)
@@ -517,6 +535,52 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
                     fut.set_result(msg)
             else:
                 logger.warning("ignoring unexpected op %r from the scheduler", kind.op)
+
+    # -- results pushed by workers (watch_results) ---------------------------------------
+    def _watch(self, address: str) -> None:
+        """Ask the worker at ``address`` to send this client's small results itself."""
+        self._watching[address] = None  # connecting; a failure leaves it at None
+        assert self.loop is not None
+        task = self.loop.create_task(self._watch_worker(address))
+        self._watch_tasks.add(task)
+        task.add_done_callback(self._watch_tasks.discard)
+
+    async def _watch_worker(self, address: str) -> None:
+        try:
+            conn, _ = await connect(
+                address, role="client", my_id=self.id, token=self.token, security=self.security
+            )
+        except Exception as exc:  # results keep coming through the scheduler
+            logger.info("cannot watch worker %s for results: %s", address, exc)
+            return
+        if self.status != "running":
+            conn.close("client closing")
+            return
+        self._watching[address] = conn
+        conn.set_handler(functools.partial(self._on_worker_messages, conn))
+
+        def on_close(closed: Connection) -> None:
+            if self._watching.get(address) is closed and closed.info.get("pushed"):
+                # Lost after it worked (the worker left, say): watched again if
+                # it shows up in a result.  One that closed at once (a worker
+                # without watch_results) is left alone.
+                del self._watching[address]
+
+        conn.on_close(on_close)
+        conn.send(WatchResults())
+
+    def _on_worker_messages(self, conn: Connection, batch: list[Message]) -> None:
+        """Results a watched worker pushed: the scheduler does not relay these to us."""
+        conn.info["pushed"] = True
+        futures = self._futures
+        for msg in batch:
+            if type(msg) is not KeyInMemory:
+                logger.warning("ignoring unexpected op %r from a worker", type(msg).op)
+                continue
+            assert isinstance(msg, KeyInMemory)
+            fs = futures.get(msg.key)
+            if fs is not None and not fs.done():
+                fs.finish(msg.who_has, msg.typename, msg.result)
 
     # -- submitting ----------------------------------------------------------------
     def _function_id(self, fn: Any) -> tuple[str, Payload]:

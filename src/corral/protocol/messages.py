@@ -355,6 +355,8 @@ class ComputeTask(Record):
     resources: dict[str, float] | None = None
     send_result: bool = False
     environment: list[str] | None = None  # environments it targets (teardown waits for it)
+    # Clients waiting for the result: told straight from the worker when they watch it.
+    notify: list[str] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -430,6 +432,7 @@ class TaskFinished(Message):
     start: float = 0.0
     stop: float = 0.0
     result: Payload | None = None
+    notified: list[str] | None = None  # clients the worker told itself (key_in_memory)
 
 
 @record
@@ -545,6 +548,18 @@ class Data(Message):
     op: ClassVar[str] = "data"
     data: dict[str, Payload]
     missing: list[str] = dataclasses.field(default_factory=list)
+
+
+@record
+class WatchResults(Message):
+    """A client asks a worker to send it ``key_in_memory`` for the tasks it waits on.
+
+    Sent on a connection of its own; from then on the worker writes there the
+    small results of tasks whose ``compute`` names this client in ``notify``,
+    sparing the scheduler's relay.  The scheduler still learns every result.
+    """
+
+    op: ClassVar[str] = "watch_results"
 
 
 # ---------------------------------------------------------------------------

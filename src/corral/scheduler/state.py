@@ -866,8 +866,10 @@ class SchedulerState:
                 dts.waiting_on = _shrink(dts.waiting_on, ts)
                 if not dts.waiting_on:
                     self._ready.append(dts)
+        told = msg.notified
         for c in ts.who_wants:
-            self._send(c, self._in_memory_message(ts, msg.result))
+            if told is None or c not in told:  # the worker told the others itself
+                self._send(c, self._in_memory_message(ts, msg.result))
         for dep in ts.deps:
             dep.waiters = _shrink(dep.waiters, ts)
             self._release_if_unneeded(dep)
@@ -1159,6 +1161,7 @@ class SchedulerState:
             resources=ts.resources,
             send_result=bool(ts.who_wants),
             environment=ts.environment,
+            notify=list(ts.who_wants) if ts.who_wants else None,
         )
         batch = self._compute.get(ws)
         if batch is None:

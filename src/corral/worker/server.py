@@ -31,6 +31,7 @@ from ..protocol.messages import (
     FreeKeys,
     GetData,
     Heartbeat,
+    KeyInMemory,
     Message,
     MissingData,
     RegisterWorker,
@@ -38,8 +39,10 @@ from ..protocol.messages import (
     SetResources,
     Store,
     Supervised,
+    TaskFinished,
     Unregister,
     UpdateWhoHas,
+    WatchResults,
     WorkerRestarting,
 )
 from ..protocol.serialize import deserialize, serialize, sizeof
@@ -149,6 +152,8 @@ class Worker:
         self._server: Server | None = None
         self._pool: ThreadPool | None = None
         self._peers: dict[str, Connection] = {}
+        # Clients that asked for their results straight from here (watch_results).
+        self._watchers: dict[str, Connection] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._generation = 0
         self._closed = asyncio.Event()
@@ -489,6 +494,7 @@ class Worker:
         mark = self._plugin_host.mark(self.state)  # for plugins' transition hooks
         instructions = self.state.handle(events)
         sends: list[Message] = []
+        pushes: list[tuple[Connection, KeyInMemory]] = []
         for inst in instructions:
             kind = type(inst)
             if kind is Execute:
@@ -496,7 +502,11 @@ class Worker:
                 self._pool.submit(self._job(inst))
             elif kind is SendToScheduler:
                 assert isinstance(inst, SendToScheduler)
-                sends.append(inst.msg)
+                msg = inst.msg
+                if self._watchers and type(msg) is TaskFinished:
+                    assert isinstance(msg, TaskFinished)
+                    pushes += self._pushes_for(msg)
+                sends.append(msg)
             elif kind is Gather:
                 assert isinstance(inst, Gather)
                 self._spawn(self._gather(inst.peer, inst.keys, self._generation))
@@ -506,10 +516,39 @@ class Worker:
                     self.data.pop(key, None)
         if sends and self._scheduler is not None and not self._scheduler.closed:
             # Busy (work queued here): let reports gather for a moment; idle: send now.
-            self._scheduler.send_many(sends, delay=BUSY_FLUSH_DELAY if self.state.queued else 0.0)
+            delay = BUSY_FLUSH_DELAY if self.state.queued else 0.0
+            self._scheduler.send_many(sends, delay=delay)
+            # Then the clients' copies: the scheduler hears of a result first, so
+            # a client that asks it about the key right away finds it in memory.
+            for conn, push in pushes:
+                conn.send_many([push], delay=delay)
         if not self.state.tasks:
             self.functions.trim()
         self._plugin_host.transitions(self.state, mark)
+
+    def _pushes_for(self, msg: TaskFinished) -> list[tuple[Connection, KeyInMemory]]:
+        """The ``key_in_memory`` copies of a small result for the waiting clients watching here.
+
+        Lists them in ``msg.notified``: the scheduler relays the result only
+        to the clients not listed.
+        """
+        if msg.result is None:
+            return []  # a large result is fetched from here by the client anyway
+        ts = self.state.tasks.get(msg.key)
+        notify = ts.spec.notify if ts is not None and ts.spec is not None else None
+        if not notify:
+            return []
+        pushes = []
+        for client_id in notify:
+            conn = self._watchers.get(client_id)
+            if conn is not None and not conn.closed:
+                push = KeyInMemory(
+                    key=msg.key, who_has=[self.address], typename=msg.typename, result=msg.result
+                )
+                pushes.append((conn, push))
+        if pushes:
+            msg.notified = [conn.info["client"] for conn, _ in pushes]
+        return pushes
 
     def _job(self, inst: Execute) -> Any:
         spec, functions, data, generation = inst.spec, self.functions, self.data, self._generation
@@ -570,7 +609,7 @@ class Worker:
     # -- serving peers and clients ---------------------------------------------------
     async def _serve_peer(self, conn: Connection) -> None:
         try:
-            await accept(
+            hello = await accept(
                 conn,
                 role="worker",
                 server_id=self.id,
@@ -586,9 +625,25 @@ class Worker:
                 return
             if isinstance(msg, GetData):
                 conn.send(self._get_data(msg.keys, msg.serializers))
+            elif isinstance(msg, WatchResults) and hello.role == "client":
+                self._watch(hello.id, conn)
             else:
                 conn.abort(f"op {type(msg).op!r} is not served on a worker's peer port")
                 return
+
+    def _watch(self, client_id: str, conn: Connection) -> None:
+        """Push ``client_id``'s small results on ``conn`` until either side closes it."""
+        old = self._watchers.get(client_id)
+        if old is not None and old is not conn:
+            old.close("replaced by a newer watch_results connection")
+        self._watchers[client_id] = conn
+        conn.info["client"] = client_id
+
+        def forget(closed: Connection) -> None:
+            if self._watchers.get(client_id) is closed:
+                del self._watchers[client_id]
+
+        conn.on_close(forget)
 
     def _get_data(self, keys: list[str], serializers: list[str] | None = None) -> Data:
         data = {}
