@@ -13,6 +13,7 @@ each dependency that the worker replaces by the dependency's value.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
@@ -71,6 +72,7 @@ class ConvertedGraph:
             dsk = dsk.__dask_graph__()
         self.nodes: dict[Hashable, Any] = convert_legacy_graph(dict(dsk))
         self._alias = Alias
+        self._names: dict[Hashable, str] = {}  # stringify(key), each key once
         dependencies = {k: set(getattr(n, "dependencies", ())) for k, n in self.nodes.items()}
         # Ordered after the conversion, with the dependencies already known:
         # dask.order would otherwise convert the graph and find them again.
@@ -105,10 +107,37 @@ class ConvertedGraph:
         if not isinstance(node, GraphNode):
             raise TypeError(f"graph value for {key!r} is not a task: {type(node).__name__}")
         node = _refs_for_futures(node)
-        dep_map = {dep: Ref(stringify(dep)) for dep in node.dependencies}
+        names = self._names
+        deps = []
+        dep_map = {}
+        for dep in node.dependencies:
+            name = names.get(dep)
+            if name is None:
+                name = names[dep] = stringify(dep)
+            deps.append(name)
+            dep_map[dep] = Ref(name)
         args, _ = table.dumps(((node, dep_map), {}))
-        deps = [stringify(d) for d in node.dependencies]
-        return stringify(key), args, deps, self.priorities[key]
+        name = names.get(key)
+        if name is None:
+            name = names[key] = stringify(key)
+        return name, args, deps, self.priorities[key]
+
+
+#: Argument types that never hold a Future: most arguments, checked first.
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _has_future(obj: Any, future_type: type) -> bool:
+    kind = type(obj)
+    if kind in _PLAIN:
+        return False
+    if kind is future_type:
+        return True
+    if kind in (list, tuple, set, frozenset):
+        return any(_has_future(o, future_type) for o in obj)
+    if kind is dict:
+        return any(_has_future(v, future_type) for v in obj.values())
+    return False
 
 
 def _refs_for_futures(node: Any) -> Any:
@@ -122,25 +151,21 @@ def _refs_for_futures(node: Any) -> Any:
 
     from .future import Future
 
-    def has_future(obj: Any) -> bool:
-        kind = type(obj)
-        if kind is Future:
-            return True
-        if kind in (list, tuple, set, frozenset):
-            return any(has_future(o) for o in obj)
-        if kind is dict:
-            return any(has_future(v) for v in obj.values())
-        return False
-
     if type(node) is not Task:
         return node
-    if not any(has_future(a) for a in (*node.args, *node.kwargs.values())):
+    for a in itertools.chain(node.args, node.kwargs.values()):
+        kind = type(a)
+        # TaskRef: dask's reference to another key (our Future is not one).
+        if kind is not TaskRef and kind not in _PLAIN and _has_future(a, Future):
+            break
+    else:
         return node
 
     def ref(a: Any) -> Any:
         if type(a) is Future:
             return TaskRef(a.key)
-        return parse_input(a) if has_future(a) else a  # futures inside become aliases
+        # futures inside become aliases
+        return parse_input(a) if _has_future(a, Future) else a
 
     return Task(
         node.key,

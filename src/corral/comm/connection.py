@@ -57,8 +57,10 @@ WRITE_HIGH_WATER = 1
 WRITE_LOW_WATER = 0
 
 #: :meth:`Connection.send_from_thread` writes at most this much itself; more
-#: goes through the event loop, which feeds big buffers in pieces.
-THREAD_WRITE_MAX = 256 * 1024
+#: goes through the event loop.  Small writes are the latency-bound ones; a
+#: big one (a graph part) is better written by the loop thread while the
+#: sending thread goes on packing the next part.
+THREAD_WRITE_MAX = 32 * 1024
 
 #: Until a server has accepted the handshake, a peer may send only small
 #: messages: an unauthenticated stranger must not make it allocate big buffers.
