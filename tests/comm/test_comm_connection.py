@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _loops import loop_factories
 
 from corral.comm import Security, Server, open_connection, start_server
 from corral.comm.connection import HANDSHAKE_MAX_FRAME_BYTES, Connection, format_address
@@ -71,17 +72,6 @@ def test_messages_and_multi_megabyte_payloads_arrive_intact() -> None:
     asyncio.run(main())
 
 
-def _loop_factories() -> list[Any]:
-    factories: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
-    try:
-        import uvloop
-
-        factories.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
-    except ImportError:  # pragma: no cover - uvloop is optional
-        pass
-    return factories
-
-
 @pytest.fixture(scope="module")
 def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server, client) TLS contexts from a throwaway CA."""
@@ -94,7 +84,7 @@ def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLConte
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
-@pytest.mark.parametrize("loop_factory", _loop_factories())
+@pytest.mark.parametrize("loop_factory", loop_factories())
 def test_big_frames_both_ways_at_once_with_small_messages_between(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], tls: bool, request: pytest.FixtureRequest
 ) -> None:

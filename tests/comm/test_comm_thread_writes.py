@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _loops import loop_factories
 
 from corral.comm import Security, start_server
 from corral.comm.connection import THREAD_WRITE_MAX, Connection, format_address, open_connection
@@ -20,17 +21,6 @@ from corral.protocol import Payload
 from corral.protocol.messages import Data, Heartbeat, Message
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="thread writes are POSIX only")
-
-
-def _loop_factories() -> list[Any]:
-    factories: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
-    try:
-        import uvloop
-
-        factories.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
-    except ImportError:  # pragma: no cover - uvloop is optional
-        pass
-    return factories
 
 
 class LoopInThread:
@@ -112,7 +102,7 @@ def _receive_all(loop: LoopInThread, conn: Connection, n: int) -> list[Message]:
     return loop.run(receive(), timeout=60)
 
 
-@pytest.mark.parametrize("loop_factory", _loop_factories())
+@pytest.mark.parametrize("loop_factory", loop_factories())
 def test_threads_write_directly_and_every_thread_keeps_its_order(
     loop_factory: Callable[[], asyncio.AbstractEventLoop],
 ) -> None:
@@ -144,7 +134,7 @@ def test_threads_write_directly_and_every_thread_keeps_its_order(
         lt.stop()
 
 
-@pytest.mark.parametrize("loop_factory", _loop_factories())
+@pytest.mark.parametrize("loop_factory", loop_factories())
 def test_what_the_socket_cannot_take_goes_to_the_loop_first(
     loop_factory: Callable[[], asyncio.AbstractEventLoop],
 ) -> None:
