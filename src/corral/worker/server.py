@@ -302,9 +302,11 @@ class Worker:
             conn.close()
         if self._pool is not None:
             self._pool.shutdown()
-        for task in list(self._tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
+        others = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        if others:  # let them unwind, so none is left pending when the loop stops
+            await asyncio.wait(others, timeout=5)
         await self._plugin_host.close()  # plugin teardowns, then preload teardowns
         self.data.clear()
         if isinstance(self.data, SpillBuffer):
