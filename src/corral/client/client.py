@@ -276,6 +276,11 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             self._conn.close("client closing")
         for conn in self._workers.values():
             conn.close()
+        watches = list(self._watch_tasks)
+        for task in watches:
+            task.cancel()
+        if watches:
+            await asyncio.wait(watches, timeout=5)
         for watch in self._watching.values():
             if watch is not None:
                 watch.close("client closing")

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import typing
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
 from ..protocol.serialize import FunctionTable, Payload, Ref
+from .ordering import in_forest_order
 
 
 def stringify(key: Hashable) -> str:
@@ -76,12 +78,17 @@ class ConvertedGraph:
         dependencies = {k: set(getattr(n, "dependencies", ())) for k, n in self.nodes.items()}
         # Ordered after the conversion, with the dependencies already known:
         # dask.order would otherwise convert the graph and find them again.
-        try:
-            from dask.order import order
+        # Trees (every task feeds at most one) have a known best order.
+        priorities: Mapping[Hashable, int] | None = in_forest_order(dependencies)
+        if priorities is None:
+            try:
+                from dask.order import order
 
-            priorities = order(self.nodes, dependencies=dependencies) if len(self.nodes) > 1 else {}
-        except Exception:
-            priorities = {}
+                priorities = typing.cast(
+                    "dict[Hashable, int]", order(self.nodes, dependencies=dependencies)
+                )
+            except Exception:
+                priorities = {}
         position = {k: priorities.get(k, i) for i, k in enumerate(self.nodes)}
         self.priorities = position
         self.keys: list[Hashable] = sorted(self.nodes, key=position.__getitem__)
