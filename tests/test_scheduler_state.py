@@ -627,21 +627,23 @@ def test_scatter_stores_data_on_the_emptiest_worker_and_dependents_use_it():
     s = Sched(W1, W2)
     data = Payload("pickle", [b"x" * 10])
     out = s(C1, Scatter(id=1, data={"x": data}, nbytes={"x": 10}))
-    assert out == {W1: [Store(data={"x": data})]}
+    # Each scattered value has a version of its own; workers learn it with the value.
+    assert out == {W1: [Store(data={"x": data}, versions={"x": 1})]}
     out = s(C1, Scatter(id=2, data={"y": data}, nbytes={"y": 10}))
-    assert out == {W2: [Store(data={"y": data})]}
+    assert out == {W2: [Store(data={"y": data}, versions={"y": 2})]}
     assert s.states() == {"x": "memory", "y": "memory"}
     out = submit(s, C1, [spec("z", "x")], ["z"])
-    assert out == {
-        W1: [compute(ctask("z", who_has={"x": [W1]}, nbytes={"x": 10}, send_result=True))]
-    }
+    # A task using it names the version it expects.
+    z = ctask("z", who_has={"x": [W1]}, nbytes={"x": 10}, versions={"x": 1}, send_result=True)
+    assert out == {W1: [compute(z)]}
 
 
 def test_scatter_broadcast_stores_everywhere():
     s = Sched(W1, W2)
     data = Payload("pickle", [b"x"])
     out = s(C1, Scatter(id=1, data={"x": data}, nbytes={"x": 1}, broadcast=True))
-    assert out == {W1: [Store(data={"x": data})], W2: [Store(data={"x": data})]}
+    stored = Store(data={"x": data}, versions={"x": 1})
+    assert out == {W1: [stored], W2: [stored]}
     assert s(W1, WorkerLeft(W1)) == {}
     assert s.states() == {"x": "memory"}
 
@@ -670,13 +672,14 @@ def test_scatter_over_a_pending_key_wakes_its_dependents():
         assert s.states() == {"a": pending, "b": "waiting"}
         out = s(C1, Scatter(id=1, data={"a": ARGS}, nbytes={"a": 10}))
         expected = [
-            Store(data={"a": ARGS}),
+            Store(data={"a": ARGS}, versions={"a": 1}),
             compute(
                 ctask(
                     "b",
                     run_id=2 if pending == "processing" else 1,
                     who_has={"a": [W1]},
                     nbytes={"a": 10},
+                    versions={"a": 1},
                     send_result=True,
                 )
             ),
@@ -830,6 +833,90 @@ def test_stale_add_keys_frees_the_copy():
     assert s(W2, AddKeys(nbytes={"a": 8, "gone": 1})) == {W2: [FreeKeys(keys=["a", "gone"])]}
 
 
+def test_a_copy_of_a_value_scattered_over_since_is_not_taken_for_the_new_one():
+    """W1 copies s1, C1 scatters over s1 twice, then W1's AddKeys of its copy arrives.
+
+    Without versions the scheduler took the old copy for the new value: W1
+    would be sent tasks expecting the new s1 and use the old one (here it even
+    dropped its copy meanwhile, told to by the second scatter).
+    """
+    s = Sched(W2)
+    assert s(C1, Scatter(id=1, data={"s1": ARGS}, nbytes={"s1": 10})) == {
+        W2: [Store(data={"s1": ARGS}, versions={"s1": 1})]
+    }
+    s(W1, reg(W1))
+    # W1 fetches s1 (version 1) from W2; its AddKeys is on its way while C1
+    # scatters over s1, once to W1, once to W2.
+    new = Payload("pickle", [b"new"])
+    assert s(C1, Scatter(id=2, data={"s1": new}, nbytes={"s1": 10}, workers=[W1])) == {
+        W2: [FreeKeys(keys=["s1"])],
+        W1: [Store(data={"s1": new}, versions={"s1": 2})],
+    }
+    newer = Payload("pickle", [b"newer"])
+    assert s(C1, Scatter(id=3, data={"s1": newer}, nbytes={"s1": 10}, workers=[W2])) == {
+        W1: [FreeKeys(keys=["s1"])],
+        W2: [Store(data={"s1": newer}, versions={"s1": 3})],
+    }
+    # W1 reports the copy of version 1: not a copy of s1 now.  It learns where
+    # the current value is, and drops its copy.
+    out = s(W1, AddKeys(nbytes={"s1": 10}, versions={"s1": 1}))
+    assert out == {W1: [UpdateWhoHas(who_has={"s1": [W2]}, versions={"s1": 3})]}
+    assert s.state.who_has(["s1"]) == {"s1": [W2]}
+    # A task on s1 names the version it needs, so no older copy is used for it.
+    out = submit(s, C1, [spec("t", "s1", workers=[W1])], ["t"])
+    t = ctask("t", who_has={"s1": [W2]}, nbytes={"s1": 10}, versions={"s1": 3}, send_result=True)
+    assert out == {W1: [compute(t)]}
+    # A copy of the current value is taken.
+    assert s(W1, AddKeys(nbytes={"s1": 10}, versions={"s1": 3})) == {}
+    assert sorted(s.state.who_has(["s1"])["s1"]) == [W1, W2]
+
+
+def test_a_stale_copy_reported_by_a_holder_of_the_current_value_is_ignored():
+    """The old copy's AddKeys crossed the Store of the new value to the same worker."""
+    s = Sched(W1, W2)
+    s(C1, Scatter(id=1, data={"x": ARGS}, nbytes={"x": 10}, workers=[W1]))
+    s(C1, Scatter(id=2, data={"x": ARGS}, nbytes={"x": 10}, workers=[W2]))
+    # W2 fetched x (version 1) before it was stored there (version 2).
+    assert s(W2, AddKeys(nbytes={"x": 10}, versions={"x": 1})) == {}
+    assert s.state.who_has(["x"]) == {"x": [W2]}
+
+
+def test_a_copy_of_a_computed_value_matches_any_run_and_not_scattered_data():
+    s = Sched(W1, W2)
+    submit(s, C1, [spec("a", workers=[W1])], ["a"])
+    s(W1, finished("a"))
+    # Every run of a key computes the same value: version 0, left out.
+    assert s(W2, AddKeys(nbytes={"a": 8}, versions={})) == {}
+    assert sorted(s.state.who_has(["a"])["a"]) == [W1, W2]
+    # Scattered over: a copy of the computed value is not one of the new value.
+    s(C1, Scatter(id=1, data={"a": ARGS}, nbytes={"a": 10}, workers=[W1]))
+    assert s(W2, AddKeys(nbytes={"a": 8}, versions={})) == {
+        W2: [UpdateWhoHas(who_has={"a": [W1]}, versions={"a": 1})]
+    }
+
+
+def test_add_keys_without_versions_is_taken_as_it_is():
+    """Workers that do not track versions (older ones, or another language's)."""
+    s = Sched(W1, W2)
+    s(C1, Scatter(id=1, data={"x": ARGS}, nbytes={"x": 10}, workers=[W1]))
+    assert s(W2, AddKeys(nbytes={"x": 10})) == {}
+    assert sorted(s.state.who_has(["x"])["x"]) == [W1, W2]
+
+
+def test_add_keys_of_a_key_running_on_that_worker_does_not_cancel_it():
+    """A copy reported after the key was lost and assigned to the same worker."""
+    s = Sched(W1, W2)
+    submit(s, C1, [spec("a", workers=[W2], allow_other_workers=True)], ["a"])
+    s(W2, finished("a"))
+    # W1 fetched a copy; before its AddKeys arrives, W2 leaves: a runs again, on W1.
+    out = s(W2, WorkerLeft(W2))
+    assert out == {C1: [KeyLost(key="a")], W1: [compute(ctask("a", run_id=2, send_result=True))]}
+    # The copy is not freed: that would cancel the run (the worker reports the copy
+    # it holds as the run's result).
+    assert s(W1, AddKeys(nbytes={"a": 8}, versions={})) == {}
+    assert s.states() == {"a": "processing"}
+
+
 def test_missing_data_with_other_holders_answers_their_locations():
     s = Sched(W1, W2, W3)
     submit(s, C1, [spec("a", workers=[W1]), spec("b", "a", workers=[W3])], ["b"])
@@ -921,8 +1008,11 @@ class SimWorker:
         self.address = address
         self.resources = resources
         self.running: dict[str, ComputeTask] = {}
+        # key -> the version of the value held, as the worker knows it (0: computed).
         self.held: dict[str, int] = {}
-        self.unreported: list[str] = []  # copies fetched, not yet told with AddKeys
+        # Copies fetched, not yet told with AddKeys (or told, the message still on
+        # its way), with the version each is of.
+        self.unreported: list[tuple[str, int]] = []
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -951,8 +1041,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     def handle(self, source: str, *events: Any) -> None:
         out = self.s.handle(source, events)
         self.s.validate()
-        # Locations named in this batch, checked once every worker got its messages.
-        self.claims: list[tuple[str, str]] = []
+        # Locations named in this batch (key, address, version of the value there),
+        # checked once every worker got its messages.
+        self.claims: list[tuple[str, str, int]] = []
         for recipient, msgs in out.items():
             if recipient not in CLIENTS:
                 assert recipient in self.sim, f"message to a worker not connected: {recipient}"
@@ -962,8 +1053,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             if recipient in CLIENTS:
                 for m in msgs:
                     self.to_client(recipient, m)
-        for key, address in self.claims:
+        for key, address, version in self.claims:
             assert key in self.sim[address].held, f"{address} said to hold {key}"
+            held = self.sim[address].held[key]
+            assert held == version, f"{address} said to hold {key} v{version}, holds v{held}"
         self.check_views()
 
     def to_client(self, client: str, m: Any) -> None:
@@ -973,7 +1066,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.last[client][m.key] = m
         if isinstance(m, KeyInMemory):
             assert m.who_has
-            self.claims.extend((m.key, address) for address in m.who_has)
+            version = self.s.tasks[m.key].version
+            self.claims.extend((m.key, address, version) for address in m.who_has)
 
     def to_worker(self, w: SimWorker, m: Any) -> None:
         if isinstance(m, Compute):
@@ -989,9 +1083,13 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert sorted(t.who_has) == sorted(ts_spec.deps), (t, ts_spec)
                 if ts_spec.workers and not ts_spec.allow_other_workers:
                     assert w.address in ts_spec.workers
+                versions = t.versions or {}
                 for dep, holders in t.who_has.items():
                     assert holders, f"{t.key} sent without a holder of {dep}"
-                    self.claims.extend((dep, h) for h in holders)
+                    version = versions.get(dep, 0)
+                    self.claims.extend((dep, h, version) for h in holders)
+                    if w.held.get(dep, version) != version:
+                        del w.held[dep]  # a copy of another value: fetched again
                 w.running[t.key] = t
         elif isinstance(m, FreeKeys):
             for key in m.keys:
@@ -1000,10 +1098,26 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.stale.append((w.address, key, t.run_id))
                 w.held.pop(key, None)
         elif isinstance(m, Store):
-            for key in m.data:
-                w.held[key] = 10
+            assert m.versions is not None and m.versions.keys() == m.data.keys(), m
+            w.held.update(m.versions)
         else:
             assert isinstance(m, UpdateWhoHas), m
+            versions = m.versions or {}
+            for key, holders in m.who_has.items():
+                version = versions.get(key, 0)
+                self.claims.extend((key, h, version) for h in holders)
+                # A copy of another value of the key is dropped (the worker fetches
+                # the current one when a task needs it: see run_one).
+                if key in w.held and w.held[key] != version:
+                    del w.held[key]
+                # Tasks waiting for it fetch from these holders now.
+                for k, t in w.running.items():
+                    if key in t.who_has:
+                        w.running[k] = dataclasses.replace(
+                            t,
+                            who_has={**t.who_has, key: holders},
+                            versions={**(t.versions or {}), key: version},
+                        )
 
     def check_views(self) -> None:
         assert set(self.s.workers) == set(self.sim)
@@ -1014,6 +1128,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             }
             held = {ts.key for ts in ws.has_what}
             assert held <= set(w.held), f"{address} said to hold {held - set(w.held)}"
+            for ts in ws.has_what:
+                assert w.held[ts.key] == ts.version, (address, ts, w.held[ts.key], ts.version)
             assert ws.nbytes == sum(ts.nbytes for ts in ws.has_what), address
 
     def fresh_key(self, prefix: str = "t") -> str:
@@ -1043,6 +1159,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def run_one(self, w: SimWorker, key: str, ok: bool, nbytes: int, duration: float = 0.0) -> None:
         """``w`` fetches the inputs of ``key`` from their holders, then runs it."""
         t = w.running[key]
+        versions = t.versions or {}
         fetched = {}
         for dep, holders in t.who_has.items():
             if dep in w.held:
@@ -1052,12 +1169,21 @@ class SchedulerMachine(RuleBasedStateMachine):
                 gone = holders[0] if holders else ""
                 self.handle(w.address, MissingData(key=dep, holder=gone))
                 return
-            fetched[dep] = t.nbytes.get(dep, 0)
+            # The worker takes what the holder has for the version it was told.
+            # Named since the last scatter over the key, that is exactly it.
+            version = versions.get(dep, 0)
+            current = self.s.tasks.get(dep)
+            if current is not None and current.state == "memory" and current.version == version:
+                assert self.sim[live[0]].held[dep] == version, (t, dep, live[0])
+            fetched[dep] = version
         del w.running[key]
         w.held.update(fetched)
-        events: list[Any] = [AddKeys(nbytes=fetched)] if fetched else []
+        events: list[Any] = []
+        if fetched:
+            copies = {k: t.nbytes.get(k, 0) for k in fetched}
+            events.append(AddKeys(nbytes=copies, versions={k: v for k, v in fetched.items() if v}))
         if ok:
-            w.held[key] = nbytes
+            w.held[key] = 0  # its computed value
             done = finished(key, t.run_id, nbytes=nbytes)
             events.append(dataclasses.replace(done, start=100.0, stop=100.0 + duration))
         else:
@@ -1091,14 +1217,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         """A copy made for some reason of the worker's own; reported later with AddKeys."""
         held = sorted({k for w in self.sim.values() for k in w.held})
         key = data.draw(st.sampled_from(held))
+        source = data.draw(st.sampled_from(sorted(a for a, w in self.sim.items() if key in w.held)))
         w = self.sim[data.draw(st.sampled_from(sorted(self.sim)))]
         if key not in w.held:
-            w.held[key] = 10
-            w.unreported.append(key)
+            version = self.sim[source].held[key]
+            w.held[key] = version
+            w.unreported.append((key, version))
 
     def report_copies(self, w: SimWorker) -> None:
-        keys, w.unreported = w.unreported, []
-        self.handle(w.address, AddKeys(nbytes={k: 10 for k in keys}))
+        """One AddKeys per copy, with its version: a key may have been copied twice."""
+        copies, w.unreported = w.unreported, []
+        reports = [AddKeys(nbytes={k: 10}, versions={k: v} if v else {}) for k, v in copies]
+        self.handle(w.address, *reports)
 
     @precondition(lambda self: any(w.unreported for w in self.sim.values()))
     @rule(data=st.data())
@@ -1118,8 +1248,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         w = self.sim[data.draw(st.sampled_from(holding))]
         key = data.draw(st.sampled_from(sorted(w.held)))
         del w.held[key]
-        if key in w.unreported:
-            w.unreported.remove(key)
+        w.unreported = [(k, v) for k, v in w.unreported if k != key]
         reporter = data.draw(st.sampled_from(sorted(self.sim)))
         self.handle(reporter, MissingData(key=key, holder=w.address))
 
@@ -1196,13 +1325,19 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.sim and self.s.tasks)
     @rule(client=st.sampled_from(CLIENTS), data=st.data(), broadcast=st.booleans())
     def client_scatters_over_a_known_key(self, client, data, broadcast):
+        """A new value for the key; sometimes onto a chosen worker (one holding a copy, say)."""
         key = data.draw(st.sampled_from(sorted(self.s.tasks)))
+        workers = data.draw(st.sampled_from([None, *([a] for a in sorted(self.sim))]))
         self.scatter_id += 1
         self.wanted[client].add(key)
-        self.handle(
-            client,
-            Scatter(id=self.scatter_id, data={key: ARGS}, nbytes={key: 10}, broadcast=broadcast),
+        msg = Scatter(
+            id=self.scatter_id,
+            data={key: ARGS},
+            nbytes={key: 10},
+            workers=workers,
+            broadcast=broadcast,
         )
+        self.handle(client, msg)
 
     @precondition(lambda self: any(self.wanted.values()))
     @rule(client=st.sampled_from(CLIENTS), data=st.data())

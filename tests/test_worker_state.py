@@ -182,9 +182,11 @@ def test_inputs_are_fetched_then_the_task_runs():
     out = w(ComputeEvent([t]))
     assert sorted(out, key=lambda g: g.peer) == [Gather(P1, ["x"]), Gather(P2, ["y"])]
     assert w.states() == {"t": "waiting", "x": "flight", "y": "flight"}
-    assert w(GatherDone(P1, {"x": 5}, [])) == [SendToScheduler(AddKeys(nbytes={"x": 5}))]
+    assert w(GatherDone(P1, {"x": 5}, [])) == [
+        SendToScheduler(AddKeys(nbytes={"x": 5}, versions={}))
+    ]
     assert w(GatherDone(P2, {"y": 6}, [])) == [
-        SendToScheduler(AddKeys(nbytes={"y": 6})),
+        SendToScheduler(AddKeys(nbytes={"y": 6}, versions={})),
         Execute("t", t),
     ]
     assert w(ok("t")) == [done("t")]
@@ -209,7 +211,7 @@ def test_input_missing_on_one_peer_is_fetched_from_another_then_asked_for():
     # The scheduler answers with fresh locations.
     assert w(UpdateWhoHas(who_has={"x": [P3]})) == [Gather(P3, ["x"])]
     assert w(GatherDone(P3, {"x": 5}, [])) == [
-        SendToScheduler(AddKeys(nbytes={"x": 5})),
+        SendToScheduler(AddKeys(nbytes={"x": 5}, versions={})),
         Execute("t", t),
     ]
 
@@ -260,7 +262,7 @@ def test_an_input_queued_for_fetch_that_the_scheduler_says_nobody_holds_is_missi
     assert w(UpdateWhoHas(who_has={"x": []})) == []
     assert w.states()["x"] == "missing"
     assert w(GatherDone(P2, {"y": 1}, [])) == [
-        SendToScheduler(AddKeys(nbytes={"y": 1})),
+        SendToScheduler(AddKeys(nbytes={"y": 1}, versions={})),
         Execute("t0", ctask("t0", who_has={"y": [P2]}, nbytes={"y": 1})),
     ]
 
@@ -352,7 +354,9 @@ def test_input_in_flight_whose_dependent_is_freed_is_kept_and_reported():
     w(FreeEvent(["t"]))
     assert w.states() == {"x": "flight"}
     # It arrived anyway: the scheduler is told, and decides.
-    assert w(GatherDone(P1, {"x": 5}, [])) == [SendToScheduler(AddKeys(nbytes={"x": 5}))]
+    assert w(GatherDone(P1, {"x": 5}, [])) == [
+        SendToScheduler(AddKeys(nbytes={"x": 5}, versions={}))
+    ]
     assert w(FreeEvent(["x"])) == [ReleaseData(["x"])]
 
 
@@ -388,7 +392,7 @@ def test_freed_fetch_that_lands_serves_a_newer_fetch_of_the_same_key():
     # P1 is still busy with the freed fetch: x is asked of P2.
     assert w(ComputeEvent([t2])) == [Gather(P2, ["x"])]
     assert w(GatherDone(P1, {"x": 5}, [])) == [
-        SendToScheduler(AddKeys(nbytes={"x": 5})),
+        SendToScheduler(AddKeys(nbytes={"x": 5}, versions={})),
         Execute("t2", t2),
     ]
     # P2's answer, whatever it is, changes nothing.
@@ -412,7 +416,7 @@ def test_input_that_is_a_cancelled_run_here_is_fetched_or_awaited():
     w(ComputeEvent([t]))
     out = w(ok("x", run_id=1))
     # The local run's result serves t; the scheduler learns about the copy.
-    assert out == [SendToScheduler(AddKeys(nbytes={"x": 8})), Execute("t", t)]
+    assert out == [SendToScheduler(AddKeys(nbytes={"x": 8}, versions={})), Execute("t", t)]
     assert w(ok("t", run_id=3)) == [done("t", run_id=3)]
 
 
@@ -424,7 +428,7 @@ def test_input_that_is_a_cancelled_run_that_fails_is_fetched():
     w(ComputeEvent([t]))
     assert w(fail("x", run_id=1)) == [Gather(P1, ["x"])]
     assert w(GatherDone(P1, {"x": 5}, [])) == [
-        SendToScheduler(AddKeys(nbytes={"x": 5})),
+        SendToScheduler(AddKeys(nbytes={"x": 5}, versions={})),
         Execute("t", t),
     ]
 
@@ -469,6 +473,186 @@ def test_scatter_over_a_key_held_here_keeps_the_new_value():
     assert [k for i in out if isinstance(i, ReleaseData) for k in i.keys] == []
     assert w.states() == {"k": "memory"}
     assert w.state.tasks["k"].nbytes == 4
+
+
+# ---------------------------------------------------------------------------------
+# Versions: a key scattered over has a new value; copies of the old one never pass for it
+# ---------------------------------------------------------------------------------
+def test_fetched_copies_are_reported_with_the_version_the_scheduler_named():
+    w = Worker()
+    t = ctask("t", who_has={"s": [P1], "c": [P2]}, nbytes={"s": 5, "c": 6}, versions={"s": 4})
+    w(ComputeEvent([t]))
+    assert w(GatherDone(P1, {"s": 5}, [])) == [
+        SendToScheduler(AddKeys(nbytes={"s": 5}, versions={"s": 4}))
+    ]
+    assert w(GatherDone(P2, {"c": 6}, [])) == [
+        SendToScheduler(AddKeys(nbytes={"c": 6}, versions={})),  # computed: version 0
+        Execute("t", t),
+    ]
+
+
+def test_a_copy_of_an_older_value_is_dropped_and_the_named_one_fetched():
+    w = Worker()
+    t1 = ctask("t1", who_has={"s": [P1]}, nbytes={"s": 5}, versions={"s": 1})
+    w(ComputeEvent([t1]))
+    w(GatherDone(P1, {"s": 5}, []))
+    w(ok("t1"))
+    # s was scattered over since (version 2, on P2): t2 must not use the copy here.
+    t2 = ctask("t2", run_id=2, who_has={"s": [P2]}, nbytes={"s": 7}, versions={"s": 2})
+    assert w(ComputeEvent([t2])) == [ReleaseData(["s"]), Gather(P2, ["s"])]
+    assert w.states() == {"t1": "memory", "t2": "waiting", "s": "flight"}
+    assert w(GatherDone(P2, {"s": 7}, [])) == [
+        SendToScheduler(AddKeys(nbytes={"s": 7}, versions={"s": 2})),
+        Execute("t2", t2),
+    ]
+
+
+def test_scattered_data_is_held_with_its_version():
+    w = Worker()
+    w(DataStored({"s": 3}, versions={"s": 5}))
+    same = ctask("same", who_has={"s": [P1]}, nbytes={"s": 3}, versions={"s": 5})
+    assert w(ComputeEvent([same])) == [Execute("same", same)]
+    other = ctask("other", run_id=2, who_has={"s": [P1]}, nbytes={"s": 3}, versions={"s": 6})
+    assert w(ComputeEvent([other])) == [ReleaseData(["s"]), Gather(P1, ["s"])]
+
+
+def test_a_fetch_in_flight_of_an_older_value_is_dropped_when_it_lands():
+    w = Worker(nthreads=2, prefetch=0)
+    t1 = ctask("t1", who_has={"s": [P1]}, nbytes={"s": 5}, versions={"s": 1})
+    assert w(ComputeEvent([t1])) == [Gather(P1, ["s"])]
+    # A task naming version 2 (on P2) arrives while version 1 travels from P1.
+    t2 = ctask("t2", run_id=2, who_has={"s": [P2]}, nbytes={"s": 5}, versions={"s": 2})
+    assert w(ComputeEvent([t2])) == []
+    # What lands is version 1: dropped, and version 2 fetched for both tasks.
+    assert w(GatherDone(P1, {"s": 5}, [])) == [ReleaseData(["s"]), Gather(P2, ["s"])]
+    out = w(GatherDone(P2, {"s": 5}, []))
+    assert out[0] == SendToScheduler(AddKeys(nbytes={"s": 5}, versions={"s": 2}))
+    assert sorted(executes(out)) == ["t1", "t2"]
+
+
+def test_a_peer_serving_another_version_than_named_is_not_used():
+    """The peer has not yet read the Store of the new value (or was named before it)."""
+    w = Worker()
+    t = ctask("t", who_has={"s": [P1]}, nbytes={"s": 5}, versions={"s": 2})
+    w(ComputeEvent([t]))
+    # P1 says its value is version 1: dropped, and the scheduler asked where v2 is
+    # (blaming no holder: P1 may well get version 2 in a moment).
+    assert w(GatherDone(P1, {"s": 5}, [], versions={"s": 1})) == [
+        ReleaseData(["s"]),
+        SendToScheduler(MissingData(key="s", holder="")),
+    ]
+    assert w(UpdateWhoHas(who_has={"s": [P1]}, versions={"s": 2})) == [Gather(P1, ["s"])]
+    assert w(GatherDone(P1, {"s": 5}, [], versions={"s": 2})) == [
+        SendToScheduler(AddKeys(nbytes={"s": 5}, versions={"s": 2})),
+        Execute("t", t),
+    ]
+
+
+def test_a_peer_that_does_not_say_versions_is_taken_at_its_word():
+    w = Worker()
+    t = ctask("t", who_has={"s": [P1]}, nbytes={"s": 5}, versions={"s": 2})
+    w(ComputeEvent([t]))
+    assert w(GatherDone(P1, {"s": 5}, [], versions=None)) == [
+        SendToScheduler(AddKeys(nbytes={"s": 5}, versions={"s": 2})),
+        Execute("t", t),
+    ]
+
+
+def test_update_who_has_of_another_version_drops_the_copy_held_here():
+    """The scheduler's answer to an AddKeys of a copy of a value scattered over since."""
+    w = Worker()
+    w(ComputeEvent([ctask("t", who_has={"s": [P1]}, nbytes={"s": 5}, versions={"s": 1})]))
+    w(GatherDone(P1, {"s": 5}, []))
+    w(ok("t"))
+    assert w(UpdateWhoHas(who_has={"s": [P2]}, versions={"s": 2})) == [ReleaseData(["s"])]
+    assert w.states() == {"t": "memory"}
+    # The same version changes nothing.
+    w2 = Worker()
+    w2(DataStored({"s": 3}, versions={"s": 2}))
+    assert w2(UpdateWhoHas(who_has={"s": [P2]}, versions={"s": 2})) == []
+    assert w2.states() == {"s": "memory"}
+
+
+def test_update_who_has_of_another_version_refetches_for_a_task_not_started():
+    w = Worker(nthreads=1, prefetch=0)
+    w(ComputeEvent([ctask("busy", priority=[0])]))
+    t = ctask("t", run_id=2, who_has={"s": [P1]}, nbytes={"s": 5}, versions={"s": 1})
+    w(ComputeEvent([t]))
+    w(GatherDone(P1, {"s": 5}, []))
+    assert w.states()["t"] == "ready"  # the thread is busy
+    assert w(UpdateWhoHas(who_has={"s": [P2]}, versions={"s": 2})) == [
+        ReleaseData(["s"]),
+        Gather(P2, ["s"]),
+    ]
+    assert w.states()["t"] == "waiting"
+    assert w(ok("busy")) == [done("busy")]  # t does not start without s
+    out = w(GatherDone(P2, {"s": 5}, []))
+    assert out == [SendToScheduler(AddKeys(nbytes={"s": 5}, versions={"s": 2})), Execute("t", t)]
+
+
+def test_a_freed_input_that_a_task_not_started_needs_is_asked_for_again():
+    """The scheduler scattered over a key held here (FreeKeys) while a task here needs it."""
+    w = Worker(nthreads=1, prefetch=0)
+    w(ComputeEvent([ctask("busy", priority=[0])]))
+    t = ctask("t", run_id=2, who_has={"s": [P1]}, nbytes={"s": 5}, versions={"s": 1})
+    w(ComputeEvent([t]))
+    w(GatherDone(P1, {"s": 5}, []))
+    assert w(FreeEvent(["s"])) == [
+        ReleaseData(["s"]),
+        SendToScheduler(MissingData(key="s", holder="")),
+    ]
+    assert w(UpdateWhoHas(who_has={"s": [P2]}, versions={"s": 2})) == [Gather(P2, ["s"])]
+    w(ok("busy"))
+    out = w(GatherDone(P2, {"s": 5}, []))
+    assert out == [SendToScheduler(AddKeys(nbytes={"s": 5}, versions={"s": 2})), Execute("t", t)]
+    # Freed in one message with the tasks that need it (in any order): simply dropped.
+    w2 = Worker(nthreads=1, prefetch=0)
+    w2(ComputeEvent([ctask("busy", priority=[0])]))
+    w2(ComputeEvent([t]))
+    w2(GatherDone(P1, {"s": 5}, []))
+    assert w2(FreeEvent(["s", "t"])) == [ReleaseData(["s"])]
+    assert w2.states() == {"busy": "executing"}
+
+
+def test_a_cancelled_run_serves_local_tasks_only_when_they_want_the_computed_value():
+    w = Worker(nthreads=2, prefetch=0)
+    w(ComputeEvent([ctask("x", run_id=1)]))
+    w(FreeEvent(["x"]))
+    # x was scattered over meanwhile: t wants that value, not the run's.
+    t = ctask("t", run_id=3, who_has={"x": [P1]}, nbytes={"x": 5}, versions={"x": 7})
+    w(ComputeEvent([t]))
+    assert w(ok("x", run_id=1)) == [ReleaseData(["x"]), Gather(P1, ["x"])]
+    assert w(GatherDone(P1, {"x": 5}, [])) == [
+        SendToScheduler(AddKeys(nbytes={"x": 5}, versions={"x": 7})),
+        Execute("t", t),
+    ]
+
+
+def test_a_key_held_as_scattered_data_is_computed_when_assigned():
+    """Its computed value is another value: the copy is not reported as the run's result."""
+    w = Worker()
+    w(DataStored({"k": 3}, versions={"k": 2}))
+    k = ctask("k", run_id=5)
+    assert w(ComputeEvent([k])) == [ReleaseData(["k"]), Execute("k", k)]
+    assert w(ok("k", run_id=5)) == [done("k", run_id=5)]
+    assert w.state.tasks["k"].version == 0
+
+
+def test_two_runs_of_a_key_each_give_back_what_they_hold():
+    """A run dropped mid-run (stored over, then freed) and a new run of the key."""
+    w = Worker(nthreads=2, prefetch=0, resources={"GPU": 1})
+    w(ComputeEvent([ctask("k", run_id=1, resources={"GPU": 1})]))
+    w(FreeEvent(["k"]), DataStored({"k": 3}, versions={"k": 1}))
+    w(FreeEvent(["k"]), DataStored({"k": 3}, versions={"k": 2}))
+    k = ctask("k", run_id=3)
+    assert w(ComputeEvent([k])) == [ReleaseData(["k"]), Execute("k", k)]
+    assert w.state.available_resources == {"GPU": 0}  # the first run still holds it
+    # The first run ends: its GPU comes back, its value goes; the new run goes on.
+    assert w(ok("k", run_id=1)) == [ReleaseData(["k"])]
+    assert w.state.available_resources == {"GPU": 1}
+    assert w.states() == {"k": "executing"}
+    assert w(ok("k", run_id=3)) == [done("k", run_id=3)]
+    assert w.state.executing == set()
 
 
 def test_stale_results_are_ignored():
@@ -517,15 +701,22 @@ class WorkerMachine(RuleBasedStateMachine):
 
     The IO layer keeps a data store and runs what ``Execute`` and ``Gather`` ask,
     finishing them in any order; the scheduler assigns random tasks (inputs held
-    by peers or here), frees them, answers ``MissingData`` and reassigns.
+    by peers or here), frees them, answers ``MissingData`` and reassigns, and
+    scatters over keys (a new version of the value, on peers or here).  Every
+    value carries its version, so the checks see which value a task starts
+    with and which one a copy reported to the scheduler really is.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.w: Worker | None = None
         self.totals: dict[str, float] = {}
-        self.peers: dict[str, set[str]] = {p: set() for p in PEERS}
+        # peer -> key -> the version of the value it holds
+        self.peers: dict[str, dict[str, int]] = {p: {} for p in PEERS}
+        # key -> the version of the value in the IO layer's store (0: computed)
         self.store: dict[str, int] = {}
+        # key -> the version the key's value has now, for the scheduler (0 when absent)
+        self.versions: dict[str, int] = {}
         # Runs in the thread pool: (key, run_id, demand).  A key may run twice
         # at once when a record was dropped (stored over, then freed) mid-run.
         self.jobs: list[tuple[str, int, dict[str, float]]] = []
@@ -547,7 +738,7 @@ class WorkerMachine(RuleBasedStateMachine):
         self.totals = {k: amount(v) for k, v in totals.items()}
         for i, peers in enumerate(holdings):
             for p in peers:
-                self.peers[p].add(f"d{i}")
+                self.peers[p][f"d{i}"] = 0
 
     # -- driving --------------------------------------------------------------------
     def handle(self, *events: Any) -> None:
@@ -557,6 +748,9 @@ class WorkerMachine(RuleBasedStateMachine):
         for key, ts in self.w.state.tasks.items():
             if ts.state == "memory":
                 assert key in self.store, f"{key} in memory but not in the store"
+                if ts.version == self.versions.get(key, 0):
+                    # Held as the current value: it is the current value.
+                    assert self.store[key] == ts.version, (key, ts.version, self.store[key])
 
     def used(self) -> dict[str, float]:
         used: dict[str, float] = {}
@@ -575,8 +769,13 @@ class WorkerMachine(RuleBasedStateMachine):
             assert len(live) == 1, f"{inst.key} executed twice at once"
             spec = self.assigned.get(inst.key)
             assert spec is not None and inst.spec.run_id == spec.run_id, inst
+            versions = inst.spec.versions or {}
             for dep in inst.spec.who_has:
                 assert dep in self.store, f"{inst.key} started without its input {dep}"
+                # Assigned since the last scatter over the input: exactly that value.
+                version = versions.get(dep, 0)
+                if version == self.versions.get(dep, 0):
+                    assert self.store[dep] == version, (inst.key, dep, self.store[dep], version)
             demand = dict(inst.spec.resources or {})
             used = self.used()
             for name, x in demand.items():
@@ -602,8 +801,13 @@ class WorkerMachine(RuleBasedStateMachine):
                     assert msg.key in self.store
                 self.reports[msg.key] = msg
             elif isinstance(msg, AddKeys):
+                assert msg.versions is not None
                 for key in msg.nbytes:
                     assert key in self.store
+                    # A copy reported as of the current value is of the current value.
+                    version = msg.versions.get(key, 0)
+                    if version == self.versions.get(key, 0):
+                        assert self.store[key] == version, (key, self.store[key], version)
             else:
                 assert isinstance(msg, MissingData), msg
                 self.missing.add(msg.key)
@@ -611,6 +815,19 @@ class WorkerMachine(RuleBasedStateMachine):
     def fresh(self, prefix: str) -> str:
         self.counter += 1
         return f"{prefix}{self.counter}"
+
+    def holders(self, key: str) -> list[str]:
+        """The peers holding the current value of ``key``."""
+        version = self.versions.get(key, 0)
+        return sorted(p for p in PEERS if self.peers[p].get(key) == version)
+
+    def scatter(self, key: str) -> int:
+        """A new value of ``key``: copies elsewhere are freed.  Return its version."""
+        self.counter += 1
+        self.versions[key] = self.counter
+        for held in self.peers.values():
+            held.pop(key, None)
+        return self.counter
 
     def fits(self, demand) -> bool:
         return all(self.totals.get(k, 0) >= v for k, v in (demand or {}).items())
@@ -628,7 +845,8 @@ class WorkerMachine(RuleBasedStateMachine):
         specs = []
         # Keys held by peers; never one assigned here (the scheduler computes
         # a key only where no copy is).
-        remote = sorted({k for held in self.peers.values() for k in held} - set(self.assigned))
+        remote = sorted({k for p in PEERS for k in self.peers[p] if p in self.holders(k)})
+        remote = [k for k in remote if k not in self.assigned]
         for _ in range(data.draw(st.integers(1, 4), label="ntasks")):
             demand = data.draw(st.sampled_from([d for d in DEMANDS if self.fits(d)]))
             deps = (
@@ -638,9 +856,11 @@ class WorkerMachine(RuleBasedStateMachine):
             )
             who_has = {}
             for dep in deps:
-                holders = sorted(p for p in PEERS if dep in self.peers[p])
+                holders = self.holders(dep)
                 if data.draw(st.integers(0, 4)) == 0:
                     holders.append(data.draw(st.sampled_from(PEERS)))  # a stale location
+                    if self.peers[holders[-1]].get(dep, 0) != self.versions.get(dep, 0):
+                        self.peers[holders[-1]].pop(dep, None)  # it lost its copy
                 who_has[dep] = sorted(set(holders))
             local = self.local_results()
             if local and data.draw(st.booleans()):
@@ -652,6 +872,7 @@ class WorkerMachine(RuleBasedStateMachine):
                 who_has=who_has,
                 # Large inputs from one peer are split into several gathers.
                 nbytes={k: data.draw(st.sampled_from([10, 40 * 2**20])) for k in who_has},
+                versions={k: self.versions[k] for k in who_has if self.versions.get(k)} or None,
                 # Unique priorities: the worker's choices do not hang on set order.
                 priority=[data.draw(st.integers(0, 3)), self.counter],
                 resources=demand,
@@ -669,8 +890,9 @@ class WorkerMachine(RuleBasedStateMachine):
         """A key held or being fetched here becomes a task here (the scheduler lost track)."""
         key = data.draw(st.sampled_from(self.known_here()))
         self.freed.discard(key)
+        self.versions.pop(key, None)  # computed here: the computed value
         for held in self.peers.values():
-            held.discard(key)
+            held.pop(key, None)
         self.counter += 1
         spec = ctask(key, run_id=self.counter, priority=[0, self.counter])
         self.assigned[key] = spec
@@ -684,8 +906,9 @@ class WorkerMachine(RuleBasedStateMachine):
         # such a key is in memory somewhere, so it is not computed again.
         key = data.draw(st.sampled_from(sorted(self.freed - self.needed())))
         self.freed.discard(key)
+        self.versions.pop(key, None)
         for held in self.peers.values():
-            held.discard(key)
+            held.pop(key, None)
         self.counter += 1
         spec = ctask(key, run_id=self.counter, priority=[0, self.counter])
         self.assigned[key] = spec
@@ -697,7 +920,9 @@ class WorkerMachine(RuleBasedStateMachine):
     def a_freed_task_is_computed_on_a_peer(self, data):
         """So a later task here may name it as an input held elsewhere."""
         key = data.draw(st.sampled_from(sorted(self.freed)))
-        self.peers[data.draw(st.sampled_from(PEERS))].add(key)
+        peer = data.draw(st.sampled_from(PEERS))
+        if self.versions.get(key, 0) == 0:
+            self.peers[peer][key] = 0
 
     def needed(self) -> set[str]:
         """Keys that assigned tasks not yet reported still need as inputs."""
@@ -722,7 +947,7 @@ class WorkerMachine(RuleBasedStateMachine):
     def scheduler_answers_missing_data(self, data, how):
         key = data.draw(st.sampled_from(sorted(self.missing)))
         self.missing.discard(key)
-        if how == "where" and not any(key in held for held in self.peers.values()):
+        if how == "where" and not self.holders(key):
             how = "lost"  # the scheduler answers with locations only while there are some
         if how == "lost":
             # No copy left: the scheduler takes back the tasks that needed it.
@@ -734,18 +959,23 @@ class WorkerMachine(RuleBasedStateMachine):
             if waiting:
                 self.handle(FreeEvent(waiting))
             return
-        if how == "recomputed":
-            self.peers[data.draw(st.sampled_from(PEERS))].add(key)
-        holders = sorted(p for p in PEERS if key in self.peers[p])
-        self.handle(UpdateWhoHas(who_has={key: holders}))
+        if how == "recomputed":  # or found elsewhere
+            self.peers[data.draw(st.sampled_from(PEERS))][key] = self.versions.get(key, 0)
+        self.handle(self.who_has_message(key))
+
+    def who_has_message(self, key: str) -> UpdateWhoHas:
+        version = self.versions.get(key, 0)
+        return UpdateWhoHas(
+            who_has={key: self.holders(key)}, versions={key: version} if version else None
+        )
 
     @rule(data=st.data())
     def scheduler_scatters(self, data):
         key = data.draw(st.sampled_from(["d0", "d1", "d2", "d3", self.fresh("s")]))
         if key in self.w.state.tasks and self.w.state.tasks[key].spec is not None:
             return
-        self.store[key] = 3
-        self.handle(DataStored({key: 3}))
+        version = self.store[key] = self.scatter(key)
+        self.handle(DataStored({key: 3}, versions={key: version}))
 
     @precondition(lambda self: set(self.w.state.tasks) - self.needed())
     @rule(data=st.data())
@@ -754,20 +984,50 @@ class WorkerMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(sorted(set(self.w.state.tasks) - self.needed())))
         self.assigned.pop(key, None)
         self.reports.pop(key, None)
-        self.store[key] = 3
-        self.handle(FreeEvent([key]), DataStored({key: 3}))
+        version = self.store[key] = self.scatter(key)
+        self.handle(FreeEvent([key]), DataStored({key: 3}, versions={key: version}))
+
+    def remote_keys(self) -> list[str]:
+        """Keys whose current value is on peers, not tasks of this worker."""
+        keys = {k for held in self.peers.values() for k in held if self.holders(k)}
+        return sorted(keys - set(self.assigned) - self.freed)
+
+    @precondition(lambda self: self.remote_keys())
+    @rule(data=st.data(), how=st.sampled_from(["free", "answer", "silent"]))
+    def scheduler_scatters_over_a_key_on_peers(self, data, how):
+        """A new value on some peers; the worker learns it one way or another, or later.
+
+        ``free``: it held a copy the scheduler knew of; ``answer``: the answer
+        to the AddKeys of its copy; ``silent``: the scheduler did not know of a
+        copy here (or none is here), and only later tasks name the new version.
+        """
+        key = data.draw(st.sampled_from(self.remote_keys()))
+        peers = data.draw(st.sets(st.sampled_from(PEERS), min_size=1))
+        version = self.scatter(key)
+        for p in peers:
+            self.peers[p][key] = version
+        ts = self.w.state.tasks.get(key)
+        if ts is None or ts.state != "memory" or how == "silent":
+            return
+        if how == "free":
+            self.handle(FreeEvent([key]))
+        else:
+            self.handle(self.who_has_message(key))
 
     @precondition(lambda self: any(self.peers.values()))
     @rule(data=st.data())
     def a_peer_loses_a_key(self, data):
         peer = data.draw(st.sampled_from(sorted(p for p in PEERS if self.peers[p])))
-        self.peers[peer].discard(data.draw(st.sampled_from(sorted(self.peers[peer]))))
+        del self.peers[peer][data.draw(st.sampled_from(sorted(self.peers[peer])))]
 
     # -- the IO layer ---------------------------------------------------------------
     def finish_job(self, index: int, success: bool) -> None:
         key, run_id, _ = self.jobs.pop(index)
         if success:
-            self.store[key] = 8
+            # As the IO layer: a run's value never goes over data stored since.
+            ts = self.w.state.tasks.get(key)
+            if ts is not None and ts.state in ("executing", "cancelled"):
+                self.store[key] = 0
             self.handle(ok(key, run_id))
         else:
             self.handle(fail(key, run_id))
@@ -780,9 +1040,15 @@ class WorkerMachine(RuleBasedStateMachine):
     def finish_gather(self, peer: str, reachable: bool) -> None:
         keys = self.flights.pop(peer)
         received = {k: 10 for k in keys if k in self.peers[peer]} if reachable else {}
-        self.store.update(received)
+        for key in received:
+            # As the IO layer: only into a key still wanted, never over data since.
+            ts = self.w.state.tasks.get(key)
+            if ts is not None and ts.state in ("flight", "fetch", "missing"):
+                self.store[key] = self.peers[peer][key]
         missing = [k for k in keys if k not in received] if reachable else []
-        self.handle(GatherDone(peer, received, missing, failed=not reachable))
+        # The peer says which version each value is (Data.versions).
+        versions = {k: self.peers[peer][k] for k in received}
+        self.handle(GatherDone(peer, received, missing, not reachable, versions))
 
     @precondition(lambda self: self.flights)
     @rule(data=st.data(), reachable=st.sampled_from([True, True, True, False]))
@@ -813,10 +1079,9 @@ class WorkerMachine(RuleBasedStateMachine):
             elif self.missing:
                 key = sorted(self.missing)[0]
                 self.missing.discard(key)
-                if not any(key in held for held in self.peers.values()):
-                    self.peers[P1].add(key)  # recomputed
-                holders = sorted(p for p in PEERS if key in self.peers[p])
-                self.handle(UpdateWhoHas(who_has={key: holders}))
+                if not self.holders(key):
+                    self.peers[P1][key] = self.versions.get(key, 0)  # recomputed
+                self.handle(self.who_has_message(key))
             else:
                 break
         else:

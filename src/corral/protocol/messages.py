@@ -351,6 +351,8 @@ class ComputeTask(Record):
     needs: list[str] | None = None
     who_has: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     nbytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The version of each input's value (see AddKeys); inputs not listed: 0, a computed value.
+    versions: dict[str, int] | None = None
     priority: list[float] = dataclasses.field(default_factory=list)
     resources: dict[str, float] | None = None
     send_result: bool = False
@@ -449,10 +451,20 @@ class TaskErred(Message):
 
 @record
 class AddKeys(Message):
-    """The worker now holds copies of these keys (fetched from peers)."""
+    """The worker now holds copies of these keys (fetched from peers).
+
+    ``versions`` names the value each copy is of, as the scheduler told the
+    worker (``ComputeTask.versions``, ``UpdateWhoHas.versions``): 0 (keys not
+    listed) is a key's computed value, and every scatter gives the key's new
+    value a version of its own.  The scheduler takes a copy only if it is of
+    the key's current value, so a copy of a value scattered over since never
+    passes for the new one.  A worker that does not track versions leaves the
+    field out; its copies are taken as they are.
+    """
 
     op: ClassVar[str] = "add_keys"
     nbytes: dict[str, int]
+    versions: dict[str, int] | None = None
 
 
 @record
@@ -507,14 +519,21 @@ class Store(Message):
 
     op: ClassVar[str] = "store"
     data: dict[str, Payload]
+    versions: dict[str, int] | None = None  # the version of each value (see AddKeys)
 
 
 @record
 class UpdateWhoHas(Message):
-    """Fresh locations for keys a worker is trying to fetch (empty list: none)."""
+    """Where the current value of these keys is (empty list: nowhere), and its version.
+
+    The answer to ``missing_data``, and to ``add_keys`` reporting a copy of a
+    value the key no longer has: a worker holding another version of a key
+    listed here drops that copy.
+    """
 
     op: ClassVar[str] = "update_who_has"
     who_has: dict[str, list[str]]
+    versions: dict[str, int] | None = None  # keys not listed: 0 (see AddKeys)
 
 
 @record
@@ -548,6 +567,9 @@ class Data(Message):
     op: ClassVar[str] = "data"
     data: dict[str, Payload]
     missing: list[str] = dataclasses.field(default_factory=list)
+    # The version of each value sent (see AddKeys).  A value sent but not listed
+    # is taken for the version asked for (workers not tracking versions list none).
+    versions: dict[str, int] | None = None
 
 
 @record

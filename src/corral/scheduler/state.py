@@ -124,6 +124,7 @@ class TaskState:
         "state",
         "suspicious",
         "typename",
+        "version",
         "waiters",
         "waiting_on",
         "who_has",
@@ -163,6 +164,11 @@ class TaskState:
         self.prefix = key_prefix(key)
         self._alone: frozenset[TaskState] | None = None
         self.holds = 0  # open parts of graphs being sent that keep this task (UpdateGraph.hold)
+        # Which value the key has: 0 for its computed value (every run of a key
+        # computes the same value), a number of its own for each scatter.  Workers
+        # echo it with the copies they report (AddKeys.versions), so a copy of a
+        # value scattered over since is never taken for the current one.
+        self.version = 0
 
     def alone(self) -> frozenset[TaskState]:
         """A frozen set holding just this task, shared by every dependent waiting on it alone.
@@ -333,6 +339,8 @@ class SchedulerState:
         # Run ids are unique across records, so a late report of a run freed
         # before its key was submitted again never passes for the new run.
         self._run_ids = itertools.count(1)
+        # Versions of scattered values (TaskState.version): unique across records too.
+        self._versions = itertools.count(1)
         self._handlers: dict[type, Callable[[str, Any], None]] = {
             UpdateGraph: self._update_graph,
             TaskFinished: self._task_finished,
@@ -589,8 +597,10 @@ class SchedulerState:
                 if ts.state != "released":
                     self._move(ts, "released")
             ts.nbytes = msg.nbytes.get(key, 0)
+            # A new value: copies of the old one still travelling must not pass for it.
+            ts.version = next(self._versions)
             for ws in targets:
-                self._send(ws.address, Store(data={key: payload}))
+                self._send(ws.address, Store(data={key: payload}, versions={key: ts.version}))
                 self._add_replica(ts, ws)
             self._move(ts, "memory")
             self._want(ts, client)
@@ -773,19 +783,47 @@ class SchedulerState:
         self._make_waiting(ts)
 
     def _add_keys(self, source: str, msg: AddKeys) -> None:
+        """A worker holds copies of these keys now (fetched, or kept from a cancelled run).
+
+        A copy counts only if it is of the key's current value: its version
+        (``msg.versions``; 0 when not listed) must be the key's.  A copy of a
+        value scattered over while the copy travelled is answered with where
+        the current value is and its version, and the worker drops its copy;
+        a copy of a key no longer in memory is freed.  A worker that holds the
+        current value since (stored there) or runs the key gets neither: that
+        would drop the value, or cancel the run.  Copies from a worker that
+        does not track versions (no ``versions``) are taken as they are.
+        """
         ws = self.workers.get(source)
         if ws is None:
             return
+        versions = msg.versions
         stale = []
+        replaced = []
         for key, nbytes in msg.nbytes.items():
             ts = self.tasks.get(key)
             if ts is None or ts.state != "memory":
-                stale.append(key)
+                if ts is None or ts.processing_on is not ws:
+                    stale.append(key)
+                continue
+            if versions is not None and versions.get(key, 0) != ts.version:
+                if ws not in ts.who_has:
+                    replaced.append(ts)
                 continue
             ts.nbytes = ts.nbytes or nbytes
             self._add_replica(ts, ws)
         if stale:
             self._send(source, FreeKeys(keys=stale))
+        if replaced:
+            self._send(source, self._who_has_message(replaced))
+
+    def _who_has_message(self, tasks: list[TaskState]) -> UpdateWhoHas:
+        """Where the current values of ``tasks`` are, with their versions (0: left out)."""
+        versions = {ts.key: ts.version for ts in tasks if ts.version}
+        return UpdateWhoHas(
+            who_has={ts.key: [w.address for w in ts.who_has] for ts in tasks},
+            versions=versions or None,
+        )
 
     def _missing_data(self, source: str, msg: MissingData) -> None:
         ts = self.tasks.get(msg.key)
@@ -812,7 +850,7 @@ class SchedulerState:
                     return
                 self._lost(ts)
         if ts.state == "memory":
-            self._send(source, UpdateWhoHas(who_has={ts.key: [w.address for w in ts.who_has]}))
+            self._send(source, self._who_has_message([ts]))
 
     def _give_up_serving(self, ts: TaskState, holder: WorkerInfo) -> None:
         self._release_data(ts)
@@ -859,6 +897,7 @@ class SchedulerState:
         self._learn_duration(ts.prefix, max(0.0, msg.stop - msg.start))
         ts.nbytes = msg.nbytes
         ts.typename = msg.typename
+        ts.version = 0  # its computed value (it may have held scattered data before)
         self._move(ts, "memory")
         self._add_replica(ts, ws)
         for dts in ts.dependents:
@@ -1157,6 +1196,7 @@ class SchedulerState:
             run_id=ts.run_id,
             who_has={d.key: [w.address for w in d.who_has] for d in ts.deps},
             nbytes={d.key: d.nbytes for d in ts.deps},
+            versions={d.key: d.version for d in ts.deps if d.version} or None,
             priority=list(ts.priority),
             resources=ts.resources,
             send_result=bool(ts.who_wants),

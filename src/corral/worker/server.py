@@ -490,7 +490,7 @@ class Worker:
                 continue
             self.data[key] = value
             nbytes[key] = sizeof(value)
-        return DataStored(nbytes)
+        return DataStored(nbytes, msg.versions)
 
     def _handle(self, events: list[Any]) -> None:
         mark = self._plugin_host.mark(self.state)  # for plugins' transition hooks
@@ -553,11 +553,15 @@ class Worker:
         return pushes
 
     def _job(self, inst: Execute) -> Any:
-        spec, functions, data, generation = inst.spec, self.functions, self.data, self._generation
+        spec, functions, generation = inst.spec, self.functions, self._generation
         held = task_resources(spec.resources, inst.held) if spec.resources else None
+        # The inputs as they are now: one dropped before a thread takes the task
+        # (its key was scattered over since) must not vanish from under it.
+        data = self.data
+        inputs = {key: data[key] for key in spec.who_has if key in data}
 
         def job() -> Any:
-            return generation, run_task(spec, functions, data, held)
+            return generation, run_task(spec, functions, inputs, held)
 
         return job
 
@@ -566,11 +570,16 @@ class Worker:
         for generation, (event, value) in batch:
             if generation != self._generation:
                 continue  # finished after a scheduler restart: nobody wants it
-            if isinstance(event, ExecuteSuccess):
+            if isinstance(event, ExecuteSuccess) and self._stores_result(event.key):
                 self.data[event.key] = value
             events.append(event)
         if events:
             self._handle(events)
+
+    def _stores_result(self, key: str) -> bool:
+        """Whether a run's value may go into the store: not over data stored since."""
+        ts = self.state.tasks.get(key)
+        return ts is not None and ts.state in ("executing", "cancelled")
 
     # -- fetching from peers -------------------------------------------------------
     async def _peer(self, address: str) -> Connection:
@@ -585,6 +594,7 @@ class Worker:
     async def _gather(self, peer: str, keys: list[str], generation: int) -> None:
         received: dict[str, int] = {}
         missing: list[str] = list(keys)
+        versions: dict[str, int] | None = None
         failed = False
         try:
             conn = await self._peer(peer)
@@ -594,10 +604,11 @@ class Worker:
                 raise CommClosedError(f"unexpected reply {type(reply).op!r} from {peer}")
             for key, payload in reply.data.items():
                 value = deserialize(payload)
-                if generation == self._generation:
+                if generation == self._generation and self._fetches(key):
                     self.data[key] = value
                 received[key] = sizeof(value)
             missing = [k for k in keys if k not in received]
+            versions = reply.versions
         except (OSError, TimeoutError, CommClosedError, HandshakeError) as exc:
             logger.info("could not fetch %d keys from %s: %s", len(keys), peer, exc)
             failed = True
@@ -606,7 +617,16 @@ class Worker:
             logger.exception("error fetching from %s", peer)
             failed = True
         if generation == self._generation and self.status == "running":
-            self._handle([GatherDone(peer, received, missing, failed)])
+            self._handle([GatherDone(peer, received, missing, failed, versions)])
+
+    def _fetches(self, key: str) -> bool:
+        """Whether a fetched value may go into the store: only while the key is wanted.
+
+        Never over a value stored or computed here since the fetch left: the
+        copy that lands may be of an older value of the key.
+        """
+        ts = self.state.tasks.get(key)
+        return ts is not None and ts.state in ("flight", "fetch", "missing")
 
     # -- serving peers and clients ---------------------------------------------------
     async def _serve_peer(self, conn: Connection) -> None:
@@ -650,8 +670,12 @@ class Worker:
     def _get_data(self, keys: list[str], serializers: list[str] | None = None) -> Data:
         data = {}
         missing = []
+        versions: dict[str, int] = {}  # of each value sent: the asker learns which it got
+        tasks = self.state.tasks
         for key in keys:
             if key in self.data:
+                ts = tasks.get(key)
+                versions[key] = ts.version if ts is not None else 0
                 try:
                     data[key] = _serialize_for_peer(self.data[key], serializers)
                 except Exception as exc:
@@ -660,7 +684,9 @@ class Worker:
                     self._report_unservable(key, exc)
             else:
                 missing.append(key)
-        return Data(data=data, missing=missing)
+        for key in missing:
+            versions.pop(key, None)
+        return Data(data=data, missing=missing, versions=versions or None)
 
     def _report_unservable(self, key: str, exc: Exception) -> None:
         """Tell the scheduler a value held here cannot be serialized (recomputing won't help)."""

@@ -13,6 +13,11 @@ Task life on a worker::
 A task freed while it runs becomes ``cancelled`` and its result is dropped.
 Resources are taken when a task starts executing (not while its inputs are
 fetched) and given back when it ends, however it ends.
+
+Every value has a version (:attr:`WTask.version`): 0 for a key's computed
+value, the scheduler's number for each scattered one.  A copy of a value the
+scheduler replaced since (its key was scattered over) is never used for a task
+that names the new one: it is dropped and the current value fetched.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class WTask:
         "resources",
         "spec",
         "state",
+        "version",
         "waiting_for",
         "who_has",
     )
@@ -71,6 +77,10 @@ class WTask:
         self.priority: tuple[Any, ...] = ()
         self.resources: dict[str, float] | None = None
         self.held: Allocation | None = None  # indices of indexed resources, while executing
+        # The version of the value held (memory), or of the value local tasks want
+        # (fetch, flight, missing, cancelled): 0 is the key's computed value, any
+        # other number one scattered value (see AddKeys.versions).
+        self.version = 0
 
     def __repr__(self) -> str:
         return f"<WTask {self.key!r} {self.state}>"
@@ -109,13 +119,17 @@ class GatherDone:
     received: dict[str, int]
     missing: list[str]
     failed: bool = False  # the peer could not be reached at all
+    # The version of each value received, as the peer said (``Data.versions``); a
+    # value it did not say the version of is taken for the version asked for.
+    versions: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DataStored:
-    """Data scattered to this worker is now in the store."""
+    """Data scattered to this worker is now in the store (``versions``: as in ``Store``)."""
 
     nbytes: dict[str, int]
+    versions: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +218,8 @@ class WorkerState:
         self.total_resources: dict[str, float] = self.resource_pool.total
         self.available_resources: dict[str, float] = self.resource_pool.available
         self.executing: set[WTask] = set()
-        self.in_flight: dict[str, set[WTask]] = {}  # peer -> keys being fetched
+        # peer -> keys being fetched, each with the version asked for (what lands is of it)
+        self.in_flight: dict[str, dict[WTask, int]] = {}
         self._ready: list[tuple[tuple[Any, ...], int, WTask]] = []
         self._constrained: list[tuple[tuple[Any, ...], int, WTask]] = []
         self._fetch: dict[WTask, None] = {}
@@ -229,9 +244,9 @@ class WorkerState:
             elif kind is FreeEvent:
                 self._free(event.keys)
             elif kind is DataStored:
-                self._stored(event.nbytes)
+                self._stored(event.nbytes, event.versions or {})
             elif kind is UpdateWhoHas:
-                self._update_who_has(event.who_has)
+                self._update_who_has(event.who_has, event.versions or {})
             elif kind is SetResources:
                 # Running tasks keep what they hold; nothing new starts until it fits.
                 self.resource_pool.update(event.resources)
@@ -258,6 +273,16 @@ class WorkerState:
             ts = self.tasks.get(spec.key)
             if ts is None:
                 ts = self.tasks[spec.key] = WTask(spec.key)
+            elif ts.state == "memory" and ts.version:
+                # A copy of scattered data the key held before: the task computes
+                # another value.  Run it.
+                self._out.append(ReleaseData([ts.key]))
+                ts.version = 0
+                if ts in self.executing:
+                    # Its run from before the data was stored over goes on: it counts.
+                    ts.spec = spec
+                    self._move(ts, "executing")
+                    continue
             elif ts.state in ("executing", "memory", "waiting", "ready", "constrained"):
                 if ts.state == "memory":
                     # Already here (fetched earlier): report it as done at once.
@@ -280,6 +305,7 @@ class WorkerState:
             ts.priority = tuple(spec.priority)
             ts.resources = spec.resources or None
             ts.waiting_for = set()
+            versions = spec.versions or {}
             for dep_key, holders in spec.who_has.items():
                 dep = self.tasks.get(dep_key)
                 if dep is None:
@@ -287,10 +313,19 @@ class WorkerState:
                 dep.dependents.add(ts)
                 ts.deps.add(dep)
                 dep.nbytes = dep.nbytes or spec.nbytes.get(dep_key, 0)
+                version = versions.get(dep_key, 0)
                 if dep.state == "memory":
-                    continue
+                    if dep.version == version:
+                        continue
+                    # The copy here is of a value scattered over since: not this one.
+                    dep.nbytes = spec.nbytes.get(dep_key, dep.nbytes)
+                    self._replace(dep, holders, version)
+                elif dep.version != version:
+                    # Another value than the one asked for so far: from its own holders.
+                    self._retarget(dep, holders, version)
+                else:
+                    dep.who_has.update(holders)
                 ts.waiting_for.add(dep)
-                dep.who_has.update(holders)
                 if dep.state == "released" or (dep.state == "missing" and dep.who_has):
                     self._want_fetch(dep)
             if ts.waiting_for:
@@ -306,12 +341,44 @@ class WorkerState:
             self._move(dep, "missing")
             self._out.append(SendToScheduler(MissingData(key=dep.key, holder=failed_holder)))
 
+    def _wanted(self, ts: WTask) -> bool:
+        """Whether local tasks that have not started yet need ``ts``'s value."""
+        return any(d.state in ("waiting", "ready", "constrained") for d in ts.dependents)
+
+    def _replace(self, ts: WTask, holders: Iterable[str], version: int) -> None:
+        """Drop the stale value ``ts`` holds and fetch the current one, for the local tasks.
+
+        Tasks that have not started wait for it; started ones took their
+        inputs when they were handed to a thread.
+        """
+        self._out.append(ReleaseData([ts.key]))
+        ts.version = version
+        ts.who_has = set(holders)
+        for dts in ts.dependents:
+            if dts.state in ("ready", "constrained"):
+                self._move(dts, "waiting")  # their heap entries are skipped
+                dts.waiting_for.add(ts)
+            elif dts.state == "waiting":
+                dts.waiting_for.add(ts)
+        self._want_fetch(ts)
+
+    def _retarget(self, ts: WTask, holders: Iterable[str], version: int) -> None:
+        """Local tasks want another version of ``ts`` than fetched so far: from ``holders``.
+
+        A fetch in flight goes on; what it brings is dropped (see _gather_done).
+        """
+        ts.version = version
+        ts.who_has = set(holders)
+        if ts.state == "fetch" and not ts.who_has:
+            del self._fetch[ts]
+            self._move(ts, "missing")
+
     def _make_ready(self, ts: WTask) -> None:
         self._move(ts, "ready")
         heapq.heappush(self._ready, (ts.priority, next(self._order), ts))
 
     def _execute_success(self, ev: ExecuteSuccess) -> None:
-        ts = self._run_ended(ev.key)
+        ts = self._run_ended(ev.key, ev.run_id)
         if ts is None:
             # The IO layer stored the value: drop it unless the key is in memory here.
             current = self.tasks.get(ev.key)
@@ -319,19 +386,25 @@ class WorkerState:
                 self._out.append(ReleaseData([ev.key]))
             return
         if ts.state == "cancelled":
-            if ts.dependents:
+            if ts.dependents and ts.version == 0:
                 # Local tasks wait for this key (computed elsewhere since): keep
                 # the value and tell the scheduler about the copy.
                 ts.nbytes = ev.nbytes
                 self._move(ts, "memory")
-                self._out.append(SendToScheduler(AddKeys(nbytes={ts.key: ts.nbytes})))
+                self._out.append(SendToScheduler(AddKeys(nbytes={ts.key: ts.nbytes}, versions={})))
                 self._arrived(ts)
+                return
+            if ts.dependents:
+                # They wait for data scattered over the key, not its computed value.
+                self._out.append(ReleaseData([ts.key]))
+                self._want_fetch(ts)
                 return
             self._forget(ts)
             self._out.append(ReleaseData([ts.key]))
             return
         assert ts.spec is not None  # only assigned tasks run
         ts.nbytes = ev.nbytes
+        ts.version = 0
         self._move(ts, "memory")
         self._out.append(
             SendToScheduler(
@@ -349,7 +422,7 @@ class WorkerState:
         self._arrived(ts)
 
     def _execute_failure(self, ev: ExecuteFailure) -> None:
-        ts = self._run_ended(ev.key)
+        ts = self._run_ended(ev.key, ev.run_id)
         if ts is None:
             return
         if ts.state == "cancelled":
@@ -370,13 +443,21 @@ class WorkerState:
         # The scheduler frees errored keys; hold nothing for it meanwhile.
         self._forget(ts)
 
-    def _run_ended(self, key: str) -> WTask | None:
+    def _run_ended(self, key: str, run_id: int) -> WTask | None:
         """Give back the thread and resources of ``key``'s run, however it ended.
 
         Return its record if the result still matters: ``None`` for a run whose
         record was stored over (scattered data) or dropped while it ran.
         """
         ts = self.tasks.get(key)
+        if ts is not None and ts.spec is not None and ts.spec.run_id != run_id:
+            # Two runs of the key may be going: one of a record dropped mid-run
+            # (stored over, then freed), and the current record's.  Each gives
+            # back what it holds.
+            for t in self.executing:
+                if t is not ts and t.key == key and t.spec is not None and t.spec.run_id == run_id:
+                    self._finish_executing(t)
+                    return None
         if ts is None or ts not in self.executing:
             ts = next((t for t in self.executing if t.key == key), None)
             if ts is not None:
@@ -400,13 +481,28 @@ class WorkerState:
                     self._make_ready(dts)
 
     def _gather_done(self, ev: GatherDone) -> None:
-        flight = self.in_flight.pop(ev.peer, set())
+        flight = self.in_flight.pop(ev.peer, {})
         arrived = {}
-        for ts in flight:
-            if ts.key in ev.received and ts.state == "flight":
+        versions = {}
+        for ts, fetched in flight.items():
+            got = ev.versions.get(ts.key, fetched) if ev.versions else fetched
+            if ts.key in ev.received and ts.state == "flight" and got != ts.version:
+                # Not the value local tasks want: they named another since the fetch
+                # left, or the peer holds another (its key was scattered over, and
+                # the peer has not yet heard, or the scheduler named it before).
+                self._out.append(ReleaseData([ts.key]))
+                if got != fetched or fetched == ts.version:
+                    ts.who_has.discard(ev.peer)  # it does not have the version wanted
+                if ts.dependents:
+                    self._want_fetch(ts)  # "" blames no holder: where is it now?
+                else:
+                    self._forget(ts)
+            elif ts.key in ev.received and ts.state == "flight":
                 ts.nbytes = ev.received[ts.key]
                 self._move(ts, "memory")
                 arrived[ts.key] = ts.nbytes
+                if ts.version:
+                    versions[ts.key] = ts.version
                 self._arrived(ts)
             elif ts.state == "flight":
                 ts.who_has.discard(ev.peer)
@@ -421,12 +517,18 @@ class WorkerState:
                 if ts.key in ev.received:
                     # The IO layer stored it: keep it only for a record that wants it.
                     new = self.tasks.get(ts.key)
-                    if new is not None and new.state in ("fetch", "flight", "missing"):
+                    if (
+                        new is not None
+                        and new.state in ("fetch", "flight", "missing")
+                        and new.version == got
+                    ):
                         # Wanted again from elsewhere: it is here now.
                         self._fetch.pop(new, None)
                         new.nbytes = ev.received[ts.key]
                         self._move(new, "memory")
                         arrived[new.key] = new.nbytes
+                        if new.version:
+                            versions[new.key] = new.version
                         self._arrived(new)
                     elif new is None or new.state != "memory":
                         self._out.append(ReleaseData([ts.key]))
@@ -440,15 +542,18 @@ class WorkerState:
                 del self._fetch[ts]
                 self._want_fetch(ts, failed_holder=ev.peer)
         if arrived:
-            self._out.append(SendToScheduler(AddKeys(nbytes=arrived)))
+            # With the version of each (as the scheduler named it): the scheduler
+            # takes a copy only of the value the key has now.
+            self._out.append(SendToScheduler(AddKeys(nbytes=arrived, versions=versions)))
 
-    def _stored(self, nbytes: dict[str, int]) -> None:
+    def _stored(self, nbytes: dict[str, int], versions: dict[str, int]) -> None:
         for key, n in nbytes.items():
             ts = self.tasks.get(key)
             if ts is None:
                 ts = self.tasks[key] = WTask(key)
             self._fetch.pop(ts, None)
             ts.nbytes = n
+            ts.version = versions.get(key, 0)
             if ts.state != "memory":
                 # A fetch in flight for it finds it in memory and is ignored.
                 self._move(ts, "memory")
@@ -459,11 +564,29 @@ class WorkerState:
             if type(inst) is ReleaseData and not nbytes.keys().isdisjoint(inst.keys):
                 self._out[i] = ReleaseData([k for k in inst.keys if k not in nbytes])
 
-    def _update_who_has(self, who_has: dict[str, list[str]]) -> None:
+    def _update_who_has(self, who_has: dict[str, list[str]], versions: dict[str, int]) -> None:
+        """Where the current value of keys is, and its version (keys not listed: 0)."""
         for key, holders in who_has.items():
             ts = self.tasks.get(key)
-            if ts is None or ts.state not in ("missing", "fetch"):
+            if ts is None:
                 continue
+            version = versions.get(key, 0)
+            if ts.state == "memory":
+                if ts.version != version:
+                    # The copy here is of a value the key no longer has (scattered over).
+                    if self._wanted(ts):
+                        self._replace(ts, holders, version)
+                    else:
+                        self._out.append(ReleaseData([key]))
+                        self._forget(ts)
+                continue
+            if ts.state == "flight":
+                if ts.version != version:
+                    self._retarget(ts, holders, version)
+                continue
+            if ts.state not in ("missing", "fetch"):
+                continue
+            ts.version = version
             ts.who_has = set(holders)
             if ts.state == "missing" and holders:
                 self._move(ts, "fetch")
@@ -474,9 +597,13 @@ class WorkerState:
 
     def _free(self, keys: list[str]) -> None:
         dropped = []
+        held: dict[WTask, None] = {}
         for key in keys:
             ts = self.tasks.get(key)
             if ts is None:
+                continue
+            if ts.state == "memory":
+                held[ts] = None  # after the tasks freed with it, which may be what needs it
                 continue
             if ts.state == "executing":
                 self._move(ts, "cancelled")
@@ -487,9 +614,15 @@ class WorkerState:
                 self._move(ts, "cancelled-flight")
                 del self.tasks[key]
                 continue
-            if ts.state == "memory":
-                dropped.append(key)
             self._fetch.pop(ts, None)
+            self._forget(ts)
+        for ts in held:
+            if self._wanted(ts):
+                # Local tasks that have not started still need it: the scheduler
+                # replaced the value (a scatter over the key).  Ask where it is now.
+                self._replace(ts, (), ts.version)
+                continue
+            dropped.append(ts.key)
             self._forget(ts)
         if dropped:
             self._out.append(ReleaseData(dropped))
@@ -585,7 +718,7 @@ class WorkerState:
             for ts in batch:
                 del self._fetch[ts]
                 self._move(ts, "flight")
-            self.in_flight[peer] = set(batch)
+            self.in_flight[peer] = {ts: ts.version for ts in batch}
             self._out.append(Gather(peer, [ts.key for ts in batch]))
 
     # -- invariants ----------------------------------------------------------------
