@@ -564,6 +564,25 @@ def test_killed_worker_frees_inputs_on_the_workers_left_only():
     assert [m.error.typename for m in out[C1]] == ["KilledWorker"]
 
 
+def test_killed_worker_releasing_a_sibling_queued_on_the_same_worker_sends_it_nothing():
+    """x and y run on W1, only for d; W1 dies: the first to fail releases the other.
+
+    The other was still queued on W1: nothing may be sent to W1 (it is gone), and
+    the released task is neither failed nor placed again.
+    """
+    s = Sched(W1, allowed_failures=1)
+    submit(s, C1, [spec("x"), spec("y"), spec("d", "x", "y")], ["d"])
+    assert s.states() == {"x": "processing", "y": "processing", "d": "waiting"}
+    out = s(W1, WorkerLeft(W1))
+    assert set(out) == {C1}
+    ((msg,),) = out.values()
+    assert msg.key == "d" and msg.error.typename == "KilledWorker"
+    # Nobody needs x or y any more: neither runs again (nor is failed twice).
+    assert s.states() == {"x": "released", "y": "released", "d": "erred"}
+    s(C1, ReleaseKeys(keys=["d"]))
+    assert s.tasks == {}
+
+
 def test_killed_worker_threshold_is_configurable():
     s = Sched(W1, W2, allowed_failures=1)
     submit(s, C1, [spec("a")], ["a"])

@@ -712,6 +712,8 @@ class SchedulerState:
         if ws is None:
             return
         for ts in list(ws.processing):
+            if ts.processing_on is not ws:
+                continue  # released meanwhile (only for a task that failed above)
             self._unassign(ts)
             if not event.expected:
                 ts.suspicious += 1
@@ -969,8 +971,8 @@ class SchedulerState:
         if ts.state == "processing":
             worker = ts.processing_on
             self._unassign(ts)
-            if worker is not None:
-                self._free(worker.address, ts.key)
+            if worker is not None and self.workers.get(worker.address) is worker:
+                self._free(worker.address, ts.key)  # not to a worker leaving right now
         elif ts.state == "no-worker":
             self.unrunnable.pop(ts, None)
 
