@@ -137,3 +137,33 @@ def test_watched_worker_processes_push_results(processes: bool) -> None:
         values = [client.submit(inc, i, pure=False).result(timeout=10) for i in range(30)]
         assert values == list(range(1, 31))
         assert relayed.keys == []
+
+
+def test_a_pushed_result_arrives_while_the_scheduler_has_not_read_it(cluster: Any) -> None:
+    """The worker's push does not wait for the scheduler; who_has answers from it meanwhile."""
+    with Client(cluster) as client:
+        assert client.gather(client.map(inc, range(20), pure=False)) == list(range(1, 21))
+        _wait_watching(client, 2)
+        scheduler = cluster.scheduler
+        streams = [scheduler._streams[w.address] for w in cluster.workers.values()]
+        run = cluster._loop_thread.run  # the cluster's event loop
+
+        async def set_reading(on: bool) -> None:
+            for conn in streams:
+                transport = conn._transport
+                assert transport is not None
+                (transport.resume_reading if on else transport.pause_reading)()
+
+        run(set_reading(False))
+        try:
+            fut = client.submit(inc, 41, pure=False)
+            assert fut.result(timeout=10) == 42  # pushed: the scheduler has not heard yet
+            assert scheduler.state.tasks[fut.key].state == "processing"
+            (holder,) = client.who_has([fut])[fut.key]
+            assert holder in {w.address for w in cluster.workers.values()}
+        finally:
+            run(set_reading(True))
+        deadline = time.monotonic() + 10
+        while scheduler.state.tasks[fut.key].state != "memory":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)

@@ -142,6 +142,11 @@ def test_viewers_share_samples_and_the_stream_is_bounded(monkeypatch):
         assert obs.interval == 0.1 and obs.stream.maxlen == 100
         wait_ready(scheduler)
         client.gather(client.map(inc, range(300)))
+        # Results pushed by the worker can reach the client a moment before
+        # the scheduler has read every task_finished.
+        deadline = time.monotonic() + 10
+        while obs.stream_total < 300 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert obs.stream_total == 300 and len(obs.stream) == 100
         assert obs.finished == {"inc": 300}
         entries, next_seq = obs.stream_since(250)

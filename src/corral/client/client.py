@@ -1240,7 +1240,18 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
     def who_has(self, futures: Any = None) -> Any:
         """Which workers hold which keys."""
         keys = None if futures is None else [f.key for f in _iter_futures(futures)]
-        return self._sync(self._request("who_has", keys=keys))
+        return self._sync(self._who_has(keys))
+
+    async def _who_has(self, keys: list[str] | None) -> dict[str, list[str]]:
+        answer: dict[str, list[str]] = await self._request("who_has", keys=keys)
+        # A result a worker pushed here (watch_results) may be ahead of the
+        # scheduler's record of it by a moment: what the worker said stands in.
+        for key, holders in answer.items():
+            if not holders:
+                fs = self._futures.get(key)
+                if fs is not None and fs.status == "finished" and fs.who_has:
+                    answer[key] = list(fs.who_has)
+        return answer
 
     def why_pending(self, futures: Any) -> Any:
         """Readable reasons why these futures have not finished."""
