@@ -249,8 +249,9 @@ def transfer(ctx: Context) -> Measurement:
     """Worker-to-worker bandwidth for one large NumPy array.
 
     The array (random float64) is produced on worker A and consumed by a
-    task pinned to worker B; only the consuming task is timed (median of 5
-    repeats after one untimed full-size warm-up).  The raw loopback TCP copy
+    task pinned to worker B; only the consuming task is timed (median of 9
+    repeats after one untimed full-size warm-up: on a VM one move in five can
+    run at a quarter of the usual speed, for every backend).  The raw loopback TCP copy
     of the same size is measured in the same process.
     """
     nbytes = size("transfer", ctx.quick)
@@ -260,7 +261,7 @@ def transfer(ctx: Context) -> Measurement:
     _warm_up(ctx)
     _transfer_once(ctx, 125_000, 0, src, dst)  # 1 MB: opens the worker-worker link
     _transfer_once(ctx, n_elements, 1, src, dst)  # full size: warms the allocators
-    repeats = 5
+    repeats = 9
     seeds = range(2, repeats + 2)
     seconds = [_transfer_once(ctx, n_elements, seed, src, dst) for seed in seeds]
     rates = [nbytes / 1e6 / s for s in seconds]
