@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,39 @@ def test_javascript_workers_push_results_to_a_watching_client(mixed):
     finally:
         client._conn.set_handler(original)
     assert not set(relayed) & {f.key for f in futures}
+
+
+def test_a_key_scattered_over_reaches_javascript_tasks_with_its_new_value(mixed):
+    """Value versions: a JavaScript worker's copy is taken only as the value it is of."""
+    client, _, _ = mixed
+    info = workers_by_runtime(client)
+    py_addr = info["python"][0]["address"]
+    js_addr = next(w["address"] for w in info["js"] if w["name"] == "js-a")
+    key = f"versioned-{uuid.uuid4().hex}"
+
+    def js_sum(future):
+        return client.submit(
+            "mathlib:sum", future, runtime="js", workers=[js_addr], pure=False
+        ).result(timeout=30)
+
+    def copied_to(address, future):
+        wait_for(
+            lambda: address in client.who_has([future])[key],
+            what=f"the copy on {address} to be taken as the current value",
+        )
+
+    first = client.scatter({key: [1, 2, 3]}, workers=[py_addr])[key]
+    assert js_sum(first) == 6
+    # The JavaScript worker echoed the version of the value it fetched (a copy
+    # said to be of another value would be answered with update_who_has and dropped).
+    copied_to(js_addr, first)
+    # Scattered over: a new value (a new version) on the Python worker; a
+    # JavaScript task uses it, not the copy of the old one.
+    second = client.scatter({key: [10, 20]}, workers=[py_addr])[key]
+    assert js_sum(second) == 30
+    copied_to(js_addr, second)
+    # Scattered over onto the JavaScript worker: it serves the value with its
+    # version (a Python worker drops a copy of another version than it wants).
+    third = client.scatter({key: [5]}, workers=[js_addr])[key]
+    assert client.submit(lambda xs: sum(xs), third, pure=False).result(timeout=30) == 5
+    copied_to(py_addr, third)

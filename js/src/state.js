@@ -15,15 +15,23 @@
 // Resources are taken when a task starts executing (not while its inputs are
 // fetched) and given back when it ends, however it ends.
 //
+// Every value has a version (`WTask.version`): 0 for a key's computed value,
+// the scheduler's number for each scattered one (docs/protocol.md, "Value
+// versions").  A copy of a value the scheduler replaced since (its key was
+// scattered over) is never used for a task that names the new one: it is
+// dropped and the current value fetched.
+//
 // Events (plain objects, `type` first):
-//   {type: "compute", tasks: [ComputeTask]}
+//   {type: "compute", tasks: [ComputeTask]}   (ComputeTask.versions: of its inputs)
 //   {type: "execute-success", key, runId, nbytes, typename, start, stop, result?}
 //   {type: "execute-failure", key, runId, error: ErrorInfo, start, stop}
-//   {type: "gather-done", peer, received: {key: nbytes}, missing: [key], failed}
+//   {type: "gather-done", peer, received: {key: nbytes}, missing: [key], failed, versions?}
 //   {type: "free", keys}
-//   {type: "stored", nbytes: {key: nbytes}}
-//   {type: "update-who-has", whoHas: {key: [address]}}
+//   {type: "stored", nbytes: {key: nbytes}, versions?}
+//   {type: "update-who-has", whoHas: {key: [address]}, versions?}
 //   {type: "set-resources", resources: {name: amount | [index]}}
+// (`versions`: {key: version} as the message said, the peer's data.versions for
+// a gather; a key not listed is at 0, or for a gather at the version asked for.)
 // Instructions:
 //   {type: "execute", key, spec}
 //   {type: "gather", peer, keys}
@@ -40,15 +48,18 @@ export const GATHER_BYTES = 64 * 1024 ** 2;
 const TRANSITIONS = {
   released: ["waiting", "ready", "fetch", "missing", "forgotten"],
   waiting: ["ready", "forgotten"],
-  ready: ["executing", "constrained", "forgotten"],
-  constrained: ["executing", "forgotten"],
+  // -> waiting: an input held here turned out to be of another version (refetched)
+  ready: ["executing", "constrained", "waiting", "forgotten"],
+  constrained: ["executing", "waiting", "forgotten"],
   executing: ["memory", "error", "cancelled"],
   cancelled: ["executing", "memory", "fetch", "missing"],
-  fetch: ["flight", "missing", "waiting", "ready", "forgotten"],
-  missing: ["fetch", "waiting", "ready", "forgotten"],
+  fetch: ["flight", "missing", "memory", "waiting", "ready", "forgotten"],
+  missing: ["fetch", "memory", "waiting", "ready", "forgotten"],
   flight: ["memory", "fetch", "missing", "waiting", "ready", "cancelled-flight", "forgotten"],
   "cancelled-flight": [],
-  memory: ["forgotten"],
+  // -> fetch | missing: a copy of another version than wanted, refetched;
+  // -> waiting | ready | executing: scattered data held, then the key assigned here
+  memory: ["forgotten", "fetch", "missing", "waiting", "ready", "executing"],
   error: ["forgotten"],
   forgotten: [],
 };
@@ -137,6 +148,10 @@ export class WTask {
     this.nbytes = 0;
     this.priority = [];
     this.resources = null;
+    // The version of the value held (memory), or of the value local tasks want
+    // (fetch, flight, missing, cancelled): 0 is the key's computed value, any
+    // other number one scattered value (add_keys.versions).
+    this.version = 0;
   }
 }
 
@@ -151,7 +166,7 @@ export class WorkerState {
     this.tasks = new Map();
     this.resourcePool = new ResourcePool(resources);
     this.executing = new Set();
-    /** @type {Map<string, Set<WTask>>} peer -> tasks being fetched from it */
+    /** @type {Map<string, Map<WTask, number>>} peer -> tasks being fetched from it, with the version asked for */
     this.inFlight = new Map();
     this.ready = new Heap();
     this.constrained = new Heap();
@@ -200,10 +215,10 @@ export class WorkerState {
           this.#free(ev.keys);
           break;
         case "stored":
-          this.#stored(ev.nbytes);
+          this.#stored(ev.nbytes, ev.versions ?? {});
           break;
         case "update-who-has":
-          this.#updateWhoHas(ev.whoHas);
+          this.#updateWhoHas(ev.whoHas, ev.versions ?? {});
           break;
         case "set-resources":
           // Running tasks keep what they hold; nothing new starts until it fits.
@@ -243,6 +258,17 @@ export class WorkerState {
       if (ts === undefined) {
         ts = new WTask(spec.key);
         this.tasks.set(spec.key, ts);
+      } else if (ts.state === "memory" && ts.version) {
+        // A copy of scattered data the key held before: the task computes
+        // another value.  Run it.
+        this.#release(ts.key);
+        ts.version = 0;
+        if (this.executing.has(ts)) {
+          // Its run from before the data was stored over goes on: it counts.
+          ts.spec = spec;
+          this.#move(ts, "executing");
+          continue;
+        }
       } else if (["executing", "memory", "waiting", "ready", "constrained"].includes(ts.state)) {
         if (ts.state === "memory") {
           // Already here (fetched earlier): report it as done at once.
@@ -267,6 +293,7 @@ export class WorkerState {
       ts.waitingFor = new Set();
       const whoHas = spec.who_has ?? {};
       const nbytes = spec.nbytes ?? {};
+      const versions = spec.versions ?? {};
       for (const [depKey, holders] of Object.entries(whoHas)) {
         let dep = this.tasks.get(depKey);
         if (dep === undefined) {
@@ -276,9 +303,19 @@ export class WorkerState {
         dep.dependents.add(ts);
         ts.deps.add(dep);
         dep.nbytes = dep.nbytes || nbytes[depKey] || 0;
-        if (dep.state === "memory") continue;
+        const version = versions[depKey] ?? 0;
+        if (dep.state === "memory") {
+          if (dep.version === version) continue;
+          // The copy here is of a value scattered over since: not this one.
+          dep.nbytes = nbytes[depKey] ?? dep.nbytes;
+          this.#replace(dep, holders, version);
+        } else if (dep.version !== version) {
+          // Another value than the one asked for so far: from its own holders.
+          this.#retarget(dep, holders, version);
+        } else {
+          for (const h of holders) dep.whoHas.add(h);
+        }
         ts.waitingFor.add(dep);
-        for (const h of holders) dep.whoHas.add(h);
         if (dep.state === "released" || (dep.state === "missing" && dep.whoHas.size)) this.#wantFetch(dep);
       }
       if (ts.waitingFor.size) this.#move(ts, "waiting");
@@ -296,30 +333,83 @@ export class WorkerState {
     }
   }
 
+  /** Whether local tasks that have not started yet need `ts`'s value. */
+  #wanted(ts) {
+    for (const d of ts.dependents) if (["waiting", "ready", "constrained"].includes(d.state)) return true;
+    return false;
+  }
+
+  /**
+   * Drop the stale value `ts` holds and fetch the current one, for the local tasks.
+   * Tasks that have not started wait for it; started ones took their inputs
+   * when they were handed to the IO layer.
+   */
+  #replace(ts, holders, version) {
+    this.#release(ts.key);
+    ts.version = version;
+    ts.whoHas = new Set(holders);
+    for (const dts of ts.dependents) {
+      if (dts.state === "ready" || dts.state === "constrained") {
+        this.#move(dts, "waiting"); // their heap entries are skipped
+        dts.waitingFor.add(ts);
+      } else if (dts.state === "waiting") {
+        dts.waitingFor.add(ts);
+      }
+    }
+    this.#wantFetch(ts);
+  }
+
+  /**
+   * Local tasks want another version of `ts` than fetched so far: from `holders`.
+   * A fetch in flight goes on; what it brings is dropped (see #gatherDone).
+   */
+  #retarget(ts, holders, version) {
+    ts.version = version;
+    ts.whoHas = new Set(holders);
+    if (ts.state === "fetch" && !ts.whoHas.size) {
+      this.fetch.delete(ts);
+      this.#move(ts, "missing");
+    }
+  }
+
+  #release(...keys) {
+    this.out.push({ type: "release-data", keys });
+  }
+
   #makeReady(ts) {
     this.#move(ts, "ready");
     this.ready.push([ts.priority, this.order++, ts]);
   }
 
   #executeSuccess(ev) {
-    const ts = this.tasks.get(ev.key);
-    if (!ts || !ts.spec || !["executing", "cancelled"].includes(ts.state)) return;
-    this.#finishExecuting(ts);
+    const ts = this.#runEnded(ev.key, ev.runId);
+    if (ts === null) {
+      // The IO layer may have stored the value: drop it unless the key is in memory here.
+      if (this.tasks.get(ev.key)?.state !== "memory") this.#release(ev.key);
+      return;
+    }
     if (ts.state === "cancelled") {
-      if (ts.dependents.size) {
+      if (ts.dependents.size && ts.version === 0) {
         // Local tasks wait for this key (computed elsewhere since): keep the
         // value and tell the scheduler about the copy.
         ts.nbytes = ev.nbytes;
         this.#move(ts, "memory");
-        this.#send({ op: "add_keys", nbytes: { [ts.key]: ts.nbytes } });
+        this.#send({ op: "add_keys", nbytes: { [ts.key]: ts.nbytes }, versions: {} });
         this.#arrived(ts);
         return;
       }
+      if (ts.dependents.size) {
+        // They wait for data scattered over the key, not its computed value.
+        this.#release(ts.key);
+        this.#wantFetch(ts);
+        return;
+      }
       this.#forget(ts);
-      this.out.push({ type: "release-data", keys: [ts.key] });
+      this.#release(ts.key);
       return;
     }
     ts.nbytes = ev.nbytes;
+    ts.version = 0;
     this.#move(ts, "memory");
     this.#send({
       op: "task_finished",
@@ -335,9 +425,8 @@ export class WorkerState {
   }
 
   #executeFailure(ev) {
-    const ts = this.tasks.get(ev.key);
-    if (!ts || !ts.spec || !["executing", "cancelled"].includes(ts.state)) return;
-    this.#finishExecuting(ts);
+    const ts = this.#runEnded(ev.key, ev.runId);
+    if (ts === null) return;
     if (ts.state === "cancelled") {
       if (ts.dependents.size) {
         this.#wantFetch(ts); // local tasks wait for it: fetch it instead
@@ -350,6 +439,33 @@ export class WorkerState {
     this.#send({ op: "task_erred", key: ts.key, run_id: ts.spec.run_id, error: ev.error, start: ev.start, stop: ev.stop });
     // The scheduler frees errored keys; hold nothing for it meanwhile.
     this.#forget(ts);
+  }
+
+  /**
+   * Give back the slot and resources of `key`'s run `runId`, however it ended.
+   * Return its record if the result still matters: null for a run whose record
+   * was stored over (scattered data) or dropped while it ran.
+   */
+  #runEnded(key, runId) {
+    let ts = this.tasks.get(key);
+    if (ts?.spec && ts.spec.run_id !== runId) {
+      // Two runs of the key may be going: one of a record dropped mid-run
+      // (stored over, then freed), and the current record's.  Each gives back
+      // what it holds.
+      for (const t of this.executing) {
+        if (t !== ts && t.key === key && t.spec?.run_id === runId) {
+          this.#finishExecuting(t);
+          return null;
+        }
+      }
+    }
+    if (ts === undefined || !this.executing.has(ts)) {
+      ts = [...this.executing].find((t) => t.key === key);
+      if (ts !== undefined) this.#finishExecuting(ts);
+      return null;
+    }
+    this.#finishExecuting(ts);
+    return ts.state === "executing" || ts.state === "cancelled" ? ts : null;
   }
 
   #finishExecuting(ts) {
@@ -371,27 +487,56 @@ export class WorkerState {
   }
 
   #gatherDone(ev) {
-    const flight = this.inFlight.get(ev.peer) ?? new Set();
+    /** @type {Map<WTask, number>} each with the version asked for */
+    const flight = this.inFlight.get(ev.peer) ?? new Map();
     this.inFlight.delete(ev.peer);
     const received = ev.received ?? {};
+    // As the peer said (data.versions); a value it does not say the version of
+    // is taken for the version asked for (a peer that does not track versions).
+    const said = ev.versions ?? {};
     const arrived = {};
+    const versions = {};
     let any = false;
-    for (const ts of flight) {
-      const got = Object.hasOwn(received, ts.key);
-      if (got && ts.state === "flight") {
-        ts.nbytes = received[ts.key];
-        this.#move(ts, "memory");
-        arrived[ts.key] = ts.nbytes;
-        any = true;
-        this.#arrived(ts);
+    const keep = (ts) => {
+      ts.nbytes = received[ts.key];
+      this.#move(ts, "memory");
+      arrived[ts.key] = ts.nbytes;
+      if (ts.version) versions[ts.key] = ts.version;
+      any = true;
+      this.#arrived(ts);
+    };
+    for (const [ts, fetched] of flight) {
+      const has = Object.hasOwn(received, ts.key);
+      const got = Object.hasOwn(said, ts.key) ? said[ts.key] : fetched;
+      if (has && ts.state === "flight" && got !== ts.version) {
+        // Not the value local tasks want: they named another since the fetch
+        // left, or the peer holds another (its key was scattered over, and the
+        // peer has not yet heard, or the scheduler named it before).
+        this.#release(ts.key);
+        if (got !== fetched || fetched === ts.version) ts.whoHas.delete(ev.peer); // it lacks the version wanted
+        if (ts.dependents.size) this.#wantFetch(ts); // "" blames no holder: where is it now?
+        else this.#forget(ts);
+      } else if (has && ts.state === "flight") {
+        keep(ts);
       } else if (ts.state === "flight") {
         ts.whoHas.delete(ev.peer);
         if (ts.dependents.size) this.#wantFetch(ts, ev.peer);
         else this.#forget(ts);
-      } else if (ts.state === "cancelled-flight") {
-        this.#forgetCancelledFlight(ts);
-        // The store's value belongs to a newer record of the key, if any.
-        if (got && !this.tasks.has(ts.key)) this.out.push({ type: "release-data", keys: [ts.key] });
+      } else {
+        // Freed, stored or made a task here while in flight.
+        if (ts.state === "cancelled-flight") this.#forgetCancelledFlight(ts);
+        if (has) {
+          // The IO layer stored it if a record wanted it: keep it only for one
+          // that wants this version.
+          const cur = this.tasks.get(ts.key);
+          if (cur && ["fetch", "flight", "missing"].includes(cur.state) && cur.version === got) {
+            // Wanted again from elsewhere: it is here now.
+            this.fetch.delete(cur);
+            keep(cur);
+          } else if (cur?.state !== "memory") {
+            this.#release(ts.key);
+          }
+        }
       }
     }
     if (ev.failed) {
@@ -407,33 +552,63 @@ export class WorkerState {
         this.#send({ op: "missing_data", key: ts.key, holder: ev.peer });
       }
     }
-    if (any) this.#send({ op: "add_keys", nbytes: arrived });
+    // With the version of each (as the scheduler named it): the scheduler takes
+    // a copy only of the value the key has now.
+    if (any) this.#send({ op: "add_keys", nbytes: arrived, versions });
   }
 
-  #stored(nbytes) {
+  #stored(nbytes, versions) {
     for (const [key, n] of Object.entries(nbytes)) {
       let ts = this.tasks.get(key);
       if (ts === undefined) {
         ts = new WTask(key);
         this.tasks.set(key, ts);
       }
-      if (ts.state === "executing" || ts.state === "cancelled") continue; // its run decides
       this.fetch.delete(ts);
       ts.nbytes = n;
+      ts.version = versions[key] ?? 0;
       if (ts.state !== "memory") {
         // From any state: a fetch in flight for it, or a queued run of it,
-        // finds it in memory and is ignored.
+        // finds it in memory and is ignored.  A run in progress keeps its slot
+        // (and resources) until it ends; its value is not stored (#runEnded).
         this.log.push([ts.key, ts.state, "memory", this.stimulus]);
         ts.state = "memory";
         this.#arrived(ts);
       }
     }
+    // The IO layer stored the values before this batch ran: a free earlier in
+    // the batch (a scatter over a key held here) must not drop them.
+    this.out = this.out.flatMap((inst) => {
+      if (inst.type !== "release-data" || !inst.keys.some((k) => Object.hasOwn(nbytes, k))) return [inst];
+      const keys = inst.keys.filter((k) => !Object.hasOwn(nbytes, k));
+      return keys.length ? [{ type: "release-data", keys }] : [];
+    });
   }
 
-  #updateWhoHas(whoHas) {
+  /** Where the current value of keys is, and its version (keys not listed: 0). */
+  #updateWhoHas(whoHas, versions) {
     for (const [key, holders] of Object.entries(whoHas)) {
       const ts = this.tasks.get(key);
-      if (!ts || !["missing", "fetch"].includes(ts.state)) continue;
+      if (!ts) continue;
+      const version = versions[key] ?? 0;
+      if (ts.state === "memory") {
+        if (ts.version !== version) {
+          // The copy here is of a value the key no longer has (scattered over).
+          if (this.#wanted(ts)) {
+            this.#replace(ts, holders, version);
+          } else {
+            this.#release(key);
+            this.#forget(ts);
+          }
+        }
+        continue;
+      }
+      if (ts.state === "flight") {
+        if (ts.version !== version) this.#retarget(ts, holders, version);
+        continue;
+      }
+      if (!["missing", "fetch"].includes(ts.state)) continue;
+      ts.version = version;
       ts.whoHas = new Set(holders);
       if (ts.state === "missing" && holders.length) {
         this.#move(ts, "fetch");
@@ -447,9 +622,15 @@ export class WorkerState {
 
   #free(keys) {
     const dropped = [];
+    /** @type {Set<WTask>} insertion-ordered */
+    const held = new Set();
     for (const key of keys) {
       const ts = this.tasks.get(key);
       if (!ts) continue;
+      if (ts.state === "memory") {
+        held.add(ts); // after the tasks freed with it, which may be what needs it
+        continue;
+      }
       if (ts.state === "executing") {
         this.#move(ts, "cancelled");
         continue;
@@ -460,11 +641,20 @@ export class WorkerState {
         this.tasks.delete(key);
         continue;
       }
-      if (ts.state === "memory") dropped.push(key);
       this.fetch.delete(ts);
       this.#forget(ts);
     }
-    if (dropped.length) this.out.push({ type: "release-data", keys: dropped });
+    for (const ts of held) {
+      if (this.#wanted(ts)) {
+        // Local tasks that have not started still need it: the scheduler
+        // replaced the value (a scatter over the key).  Ask where it is now.
+        this.#replace(ts, [], ts.version);
+        continue;
+      }
+      dropped.push(ts.key);
+      this.#forget(ts);
+    }
+    if (dropped.length) this.#release(...dropped);
   }
 
   #forget(ts) {
@@ -552,7 +742,7 @@ export class WorkerState {
         this.fetch.delete(ts);
         this.#move(ts, "flight");
       }
-      this.inFlight.set(peer, new Set(batch));
+      this.inFlight.set(peer, new Map(batch.map((ts) => [ts, ts.version]))); // what lands is of that version
       this.out.push({ type: "gather", peer, keys: batch.map((t) => t.key) });
     }
   }
@@ -562,7 +752,8 @@ export class WorkerState {
   validate() {
     const used = {};
     for (const ts of this.executing) {
-      if (!["executing", "cancelled"].includes(ts.state)) throw new Error(`executing set holds ${ts.key} in ${ts.state}`);
+      // memory: data was stored for it while it ran; forgotten: then freed
+      if (!["executing", "cancelled", "memory", "forgotten"].includes(ts.state)) throw new Error(`executing set holds ${ts.key} in ${ts.state}`);
       if (ts.holds) for (const [n, a] of Object.entries(ts.resources)) used[n] = (used[n] ?? 0) + a;
     }
     if (this.executing.size > this.nthreads) throw new Error(`${this.executing.size} tasks executing, nthreads ${this.nthreads}`);

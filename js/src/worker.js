@@ -57,6 +57,20 @@ export function substituteRefs(value, lookup) {
   return out;
 }
 
+/** The value of a stored entry (decoded on first use, then kept). */
+function decodedValue(key, entry) {
+  if (entry === undefined) throw new Error(`dependency ${JSON.stringify(key)} is not in memory on this worker`);
+  if (!entry.decoded) {
+    try {
+      entry.value = decodePayload(entry.payload);
+    } catch (err) {
+      throw new SerializationError(`cannot read the value of dependency ${JSON.stringify(key)}: ${err.message}`);
+    }
+    entry.decoded = true;
+  }
+  return entry.value;
+}
+
 function log(level, ...args) {
   if (Worker.quiet && level !== "ERROR") return;
   process.stderr.write(`${new Date().toISOString()} corral.js.worker ${level} ${args.join(" ")}\n`);
@@ -90,12 +104,15 @@ function need(cond, what) {
 const isStr = (v) => typeof v === "string";
 const isObj = (v) => v !== null && typeof v === "object" && !Array.isArray(v) && !ArrayBuffer.isView(v);
 const isPayload = (v) => isObj(v) && isStr(v.serializer) && Array.isArray(v.frames) && v.frames.every((f) => f instanceof Uint8Array);
+// key -> value version (docs/protocol.md, "Value versions"); nil: every key at 0
+const isVersions = (v) => v == null || (isObj(v) && Object.values(v).every(Number.isInteger));
 
 function checkCompute(msg) {
   need(Array.isArray(msg.tasks), "compute.tasks must be an array");
   for (const t of msg.tasks) {
     need(isObj(t) && isStr(t.key) && Number.isInteger(t.run_id) && isPayload(t.args), "compute: malformed task");
     need(t.who_has == null || (isObj(t.who_has) && Object.values(t.who_has).every(Array.isArray)), "compute: malformed who_has");
+    need(isVersions(t.versions), "compute: malformed versions");
   }
   need(msg.functions == null || (isObj(msg.functions) && Object.values(msg.functions).every(isPayload)), "compute: malformed functions");
 }
@@ -271,18 +288,20 @@ export class Worker {
           break;
         case "store": {
           need(isObj(msg.data) && Object.values(msg.data).every(isPayload), "store.data must map keys to payloads");
+          need(isVersions(msg.versions), "store.versions must map keys to integers");
           const nbytes = {};
           for (const [key, payload] of Object.entries(msg.data)) {
             // Kept as it came (served back unchanged); decoded when a task needs it.
             this.data.set(key, { payload, decoded: false });
             nbytes[key] = payloadBytes(payload);
           }
-          events.push({ type: "stored", nbytes });
+          events.push({ type: "stored", nbytes, versions: msg.versions ?? undefined });
           break;
         }
         case "update_who_has":
           need(isObj(msg.who_has), "update_who_has.who_has must be a map");
-          events.push({ type: "update-who-has", whoHas: msg.who_has });
+          need(isVersions(msg.versions), "update_who_has.versions must map keys to integers");
+          events.push({ type: "update-who-has", whoHas: msg.who_has, versions: msg.versions ?? undefined });
           break;
         case "set_resources":
           need(isObj(msg.resources), "set_resources.resources must be a map");
@@ -396,20 +415,41 @@ export class Worker {
   // -- running tasks ------------------------------------------------------------------
   /** The value of a key in memory here (decoded on first use). */
   value(key) {
-    const entry = this.data.get(key);
-    if (entry === undefined) throw new Error(`dependency ${JSON.stringify(key)} is not in memory on this worker`);
-    if (!entry.decoded) {
-      try {
-        entry.value = decodePayload(entry.payload);
-      } catch (err) {
-        throw new SerializationError(`cannot read the value of dependency ${JSON.stringify(key)}: ${err.message}`);
-      }
-      entry.decoded = true;
+    return decodedValue(key, this.data.get(key));
+  }
+
+  /**
+   * The entries of a task's inputs as they are now, when it is handed over:
+   * one dropped before it starts (its key was scattered over since, and no
+   * task waiting here needs that copy) must not vanish from under it.
+   */
+  #inputs(spec) {
+    const inputs = new Map();
+    for (const key of Object.keys(spec.who_has ?? {})) {
+      const entry = this.data.get(key);
+      if (entry !== undefined) inputs.set(key, entry);
     }
-    return entry.value;
+    return inputs;
+  }
+
+  /** Whether a run's value may go into the store: not over data stored since. */
+  #storesResult(key) {
+    const state = this.state.tasks.get(key)?.state;
+    return state === "executing" || state === "cancelled";
+  }
+
+  /**
+   * Whether a fetched value may go into the store: only while the key is
+   * wanted, never over a value stored or computed here since the fetch left
+   * (the copy that lands may be of an older value of the key).
+   */
+  #fetches(key) {
+    const state = this.state.tasks.get(key)?.state;
+    return state === "flight" || state === "fetch" || state === "missing";
   }
 
   async #execute(spec, generation) {
+    const inputs = this.#inputs(spec);
     // Start after the current batch of instructions is carried out, and let IO in between tasks.
     await new Promise((r) => setImmediate(r));
     const start = Date.now() / 1000;
@@ -423,7 +463,7 @@ export class Worker {
       if (!Array.isArray(decoded) || decoded.length < 1 || decoded.length > 2 || !Array.isArray(decoded[0]) || (decoded.length === 2 && decoded[1] !== null && !isObj(decoded[1]))) {
         throw new SerializationError("task arguments must decode to [args, kwargs] (an array and a map)");
       }
-      const lookup = (key) => this.value(key);
+      const lookup = (key) => decodedValue(key, inputs.get(key));
       const args = substituteRefs(decoded[0], lookup);
       const kwargs = decoded.length === 2 && decoded[1] ? substituteRefs(decoded[1], lookup) : {};
       let result = Object.keys(kwargs).length ? fn(...args, kwargs) : fn(...args);
@@ -432,7 +472,7 @@ export class Worker {
       const stop = Date.now() / 1000;
       const nbytes = payloadBytes(payload);
       if (generation !== this.generation || this.status === "closed") return;
-      this.data.set(spec.key, { payload, value: result, decoded: true });
+      if (this.#storesResult(spec.key)) this.data.set(spec.key, { payload, value: result, decoded: true });
       event = {
         type: "execute-success",
         key: spec.key,
@@ -462,21 +502,24 @@ export class Worker {
 
   async #gather(peer, keys, generation) {
     const received = {};
+    let versions;
     let failed = false;
     try {
       const conn = await this.#peer(peer);
       conn.send({ op: "get_data", keys, serializers: ["msgpack"] });
       const reply = await conn.recv(300);
-      if (reply.op !== "data" || !isObj(reply.data)) {
+      if (reply.op !== "data" || !isObj(reply.data) || !isVersions(reply.versions)) {
         conn.abort("unexpected reply");
         throw new CommClosedError(`unexpected reply ${JSON.stringify(reply.op)} from ${peer}`);
       }
       const asked = new Set(keys);
       for (const [key, payload] of Object.entries(reply.data)) {
         if (!asked.has(key) || !isPayload(payload)) continue;
-        if (generation === this.generation) this.data.set(key, { payload, decoded: false });
+        if (generation === this.generation && this.#fetches(key)) this.data.set(key, { payload, decoded: false });
         received[key] = payloadBytes(payload);
       }
+      // Which value each is (a peer not tracking versions says nothing: taken for the one asked for).
+      versions = reply.versions ?? undefined;
     } catch (err) {
       log("INFO", `could not fetch ${keys.length} keys from ${peer}: ${err.message}`);
       failed = true;
@@ -485,7 +528,7 @@ export class Worker {
     }
     if (generation !== this.generation || this.status !== "running") return;
     const missing = keys.filter((k) => !Object.hasOwn(received, k));
-    this.#handle([{ type: "gather-done", peer, received, missing, failed }]);
+    this.#handle([{ type: "gather-done", peer, received, missing, failed, versions }]);
   }
 
   // -- serving peers and clients -----------------------------------------------------------
@@ -514,12 +557,17 @@ export class Worker {
         need(Array.isArray(msg.keys) && msg.keys.every(isStr), "get_data.keys must be an array of strings");
         const data = {};
         const missing = [];
+        const versions = {}; // of each value sent: the asker learns which it got
         for (const key of msg.keys) {
           const entry = this.data.get(key);
-          if (entry) data[key] = entry.payload;
-          else missing.push(key);
+          if (entry) {
+            data[key] = entry.payload;
+            versions[key] = this.state.tasks.get(key)?.version ?? 0;
+          } else {
+            missing.push(key);
+          }
         }
-        conn.send({ op: "data", data, missing });
+        conn.send({ op: "data", data, missing, versions: Object.keys(versions).length ? versions : undefined });
       }
     });
   }

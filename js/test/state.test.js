@@ -42,7 +42,20 @@ const failed = (key, runId = 1) => ({
   start: 1,
   stop: 2,
 });
-const gathered = (peer, received, missing = [], failed = false) => ({ type: "gather-done", peer, received, missing, failed });
+const gathered = (peer, received, missing = [], failed = false, versions = undefined) => ({
+  type: "gather-done",
+  peer,
+  received,
+  missing,
+  failed,
+  versions,
+});
+const stored = (nbytes, versions = undefined) => ({ type: "stored", nbytes, versions });
+const whoHas = (wh, versions = undefined) => ({ type: "update-who-has", whoHas: wh, versions });
+const free = (...keys) => ({ type: "free", keys });
+const release = (...keys) => ({ type: "release-data", keys });
+const addKeys = (nbytes, versions = {}) => send({ op: "add_keys", nbytes, versions });
+const missingData = (key, holder = "") => send({ op: "missing_data", key, holder });
 const execute = (spec) => ({ type: "execute", key: spec.key, spec });
 const gather = (peer, keys) => ({ type: "gather", peer, keys });
 const send = (msg) => ({ type: "send", msg });
@@ -124,8 +137,8 @@ test("inputs are fetched, several keys per peer in one gather, then the task run
   const out = w.on(compute(t));
   assert.deepEqual(out, [gather(P1, ["x", "y"]), gather(P2, ["z"])]);
   assert.deepEqual(w.states(), { t: "waiting", x: "flight", y: "flight", z: "flight" });
-  assert.deepEqual(w.on(gathered(P1, { x: 5, y: 6 })), [send({ op: "add_keys", nbytes: { x: 5, y: 6 } })]);
-  assert.deepEqual(w.on(gathered(P2, { z: 7 })), [send({ op: "add_keys", nbytes: { z: 7 } }), execute(t)]);
+  assert.deepEqual(w.on(gathered(P1, { x: 5, y: 6 })), [send({ op: "add_keys", nbytes: { x: 5, y: 6 }, versions: {} })]);
+  assert.deepEqual(w.on(gathered(P2, { z: 7 })), [send({ op: "add_keys", nbytes: { z: 7 }, versions: {} }), execute(t)]);
   assert.deepEqual(w.on(ok("t")), [done("t")]);
 });
 
@@ -137,7 +150,7 @@ test("an input missing on one peer comes from another, then the scheduler is ask
   assert.deepEqual(w.on(gathered(P2, {}, [], true)), [send({ op: "missing_data", key: "x", holder: P2 })]);
   assert.deepEqual(w.states(), { t: "waiting", x: "missing" });
   assert.deepEqual(w.on({ type: "update-who-has", whoHas: { x: [P3] } }), [gather(P3, ["x"])]);
-  assert.deepEqual(w.on(gathered(P3, { x: 5 })), [send({ op: "add_keys", nbytes: { x: 5 } }), execute(t)]);
+  assert.deepEqual(w.on(gathered(P3, { x: 5 })), [send({ op: "add_keys", nbytes: { x: 5 }, versions: {} }), execute(t)]);
 });
 
 test("an input without any holder is asked for at once", () => {
@@ -187,18 +200,241 @@ test("a freed fetch that lands with no new owner is dropped", () => {
   assert.deepEqual(w.on(gathered(P1, { x: 5 })), [{ type: "release-data", keys: ["x"] }]);
 });
 
+test("a freed fetch that lands serves a newer fetch of the same key, if of the version it wants", () => {
+  const w = new W();
+  w.on(compute(ctask("t1", { who_has: { x: [P1] }, nbytes: { x: 5 } })));
+  w.on(free("t1", "x"));
+  const t2 = ctask("t2", { run_id: 2, who_has: { x: [P1, P2] }, nbytes: { x: 5 } });
+  // P1 is still busy with the freed fetch: x is asked of P2.
+  assert.deepEqual(w.on(compute(t2)), [gather(P2, ["x"])]);
+  assert.deepEqual(w.on(gathered(P1, { x: 5 })), [addKeys({ x: 5 }), execute(t2)]);
+  // P2's answer, whatever it is, changes nothing.
+  assert.deepEqual(w.on(gathered(P2, {}, ["x"])), []);
+  assert.deepEqual(w.states(), { t2: "executing", x: "memory" });
+  // The newer fetch wants another version (x was scattered over): what lands is dropped.
+  const v = new W();
+  v.on(compute(ctask("t1", { who_has: { x: [P1] }, nbytes: { x: 5 } })));
+  v.on(free("t1", "x"));
+  const t3 = ctask("t3", { run_id: 3, who_has: { x: [P2] }, nbytes: { x: 5 }, versions: { x: 4 } });
+  assert.deepEqual(v.on(compute(t3)), [gather(P2, ["x"])]);
+  assert.deepEqual(v.on(gathered(P1, { x: 5 })), [release("x")]);
+  assert.deepEqual(v.on(gathered(P2, { x: 5 }, [], false, { x: 4 })), [addKeys({ x: 5 }, { x: 4 }), execute(t3)]);
+});
+
 test("an input that is a cancelled run here is awaited", () => {
   const w = new W(2);
   w.on(compute(ctask("x", { run_id: 1 })));
   w.on({ type: "free", keys: ["x"] });
   const t = ctask("t", { run_id: 3, who_has: { x: [P1] }, nbytes: { x: 5 } });
   w.on(compute(t));
-  assert.deepEqual(w.on(ok("x", 1)), [send({ op: "add_keys", nbytes: { x: 8 } }), execute(t)]);
+  assert.deepEqual(w.on(ok("x", 1)), [send({ op: "add_keys", nbytes: { x: 8 }, versions: {} }), execute(t)]);
+});
+
+test("data stored over a running task keeps the data and frees the slot", () => {
+  // The scheduler scattered over a key running here: free_keys, then store.
+  const w = new W(1, { GPU: 1 });
+  w.on(compute(ctask("k", { resources: { GPU: 1 } })));
+  w.on(free("k"));
+  assert.deepEqual(w.on(stored({ k: 3 })), []);
+  assert.deepEqual(w.states(), { k: "memory" });
+  // The run ends: its slot and resources come back; the stored data stays.
+  assert.deepEqual(w.on(ok("k")), []);
+  assert.deepEqual(w.states(), { k: "memory" });
+  assert.equal(w.state.executing.size, 0);
+  assert.equal(w.state.availableResources.GPU, 1);
+  const h = ctask("h", { resources: { GPU: 1 } });
+  assert.deepEqual(w.on(compute(h)), [execute(h)]);
+});
+
+test("data stored over a running task, then freed, still frees the slot", () => {
+  const w = new W(1, { GPU: 1 });
+  w.on(compute(ctask("k", { resources: { GPU: 1 } })));
+  w.on(stored({ k: 3 }));
+  assert.deepEqual(w.on(free("k")), [release("k")]);
+  assert.deepEqual(w.on(failed("k")), []);
+  w.on(compute(ctask("k2", { resources: { GPU: 1 } })));
+  w.on(free("k2"));
+  w.on(stored({ k2: 3 }));
+  w.on(free("k2"));
+  // The run's value, stored by the IO layer as it ended, is not kept either.
+  assert.deepEqual(w.on(ok("k2")), [release("k2")]);
+  assert.equal(w.state.executing.size, 0);
+  assert.equal(w.state.availableResources.GPU, 1);
+  assert.deepEqual(w.states(), {});
+});
+
+test("a scatter over a key held here keeps the new value", () => {
+  // free_keys then store for the same key in one batch; the IO layer stored
+  // the new value before the batch ran.
+  const w = new W();
+  w.on(stored({ k: 3 }));
+  const out = w.on(free("k"), stored({ k: 4 }));
+  assert.deepEqual(out.filter((i) => i.type === "release-data").flatMap((i) => i.keys), []);
+  assert.deepEqual(w.states(), { k: "memory" });
+  assert.equal(w.state.tasks.get("k").nbytes, 4);
+});
+
+// -- versions: a key scattered over has a new value; copies of the old one never pass for it
+
+test("fetched copies are reported with the version the scheduler named", () => {
+  const w = new W();
+  const t = ctask("t", { who_has: { s: [P1], c: [P2] }, nbytes: { s: 5, c: 6 }, versions: { s: 4 } });
+  assert.deepEqual(w.on(compute(t)), [gather(P1, ["s"]), gather(P2, ["c"])]);
+  assert.deepEqual(w.on(gathered(P1, { s: 5 })), [addKeys({ s: 5 }, { s: 4 })]);
+  // c is a computed value: version 0, not listed (but versions is there: this worker tracks them).
+  assert.deepEqual(w.on(gathered(P2, { c: 6 })), [addKeys({ c: 6 }, {}), execute(t)]);
+});
+
+test("a copy of an older value is dropped and the named one fetched", () => {
+  const w = new W();
+  w.on(compute(ctask("t1", { who_has: { s: [P1] }, nbytes: { s: 5 }, versions: { s: 1 } })));
+  w.on(gathered(P1, { s: 5 }));
+  w.on(ok("t1"));
+  // s was scattered over since (version 2, on P2): t2 must not use the copy here.
+  const t2 = ctask("t2", { run_id: 2, who_has: { s: [P2] }, nbytes: { s: 7 }, versions: { s: 2 } });
+  assert.deepEqual(w.on(compute(t2)), [release("s"), gather(P2, ["s"])]);
+  assert.deepEqual(w.states(), { t1: "memory", t2: "waiting", s: "flight" });
+  assert.deepEqual(w.on(gathered(P2, { s: 7 })), [addKeys({ s: 7 }, { s: 2 }), execute(t2)]);
+});
+
+test("scattered data is held with its version", () => {
+  const w = new W();
+  w.on(stored({ s: 3 }, { s: 5 }));
+  const same = ctask("same", { who_has: { s: [P1] }, nbytes: { s: 3 }, versions: { s: 5 } });
+  assert.deepEqual(w.on(compute(same)), [execute(same)]);
+  const other = ctask("other", { run_id: 2, who_has: { s: [P1] }, nbytes: { s: 3 }, versions: { s: 6 } });
+  assert.deepEqual(w.on(compute(other)), [release("s"), gather(P1, ["s"])]);
+});
+
+test("a fetch in flight of an older value is dropped when it lands", () => {
+  const w = new W(2);
+  const t1 = ctask("t1", { who_has: { s: [P1] }, nbytes: { s: 5 }, versions: { s: 1 } });
+  assert.deepEqual(w.on(compute(t1)), [gather(P1, ["s"])]);
+  // A task naming version 2 (on P2) arrives while version 1 travels from P1.
+  const t2 = ctask("t2", { run_id: 2, who_has: { s: [P2] }, nbytes: { s: 5 }, versions: { s: 2 } });
+  assert.deepEqual(w.on(compute(t2)), []);
+  // What lands is version 1: dropped, and version 2 fetched for both tasks.
+  assert.deepEqual(w.on(gathered(P1, { s: 5 })), [release("s"), gather(P2, ["s"])]);
+  const out = w.on(gathered(P2, { s: 5 }));
+  assert.deepEqual(out[0], addKeys({ s: 5 }, { s: 2 }));
+  assert.deepEqual(executes(out).sort(), ["t1", "t2"]);
+});
+
+test("a peer serving another version than named is not used", () => {
+  // The peer has not yet read the store of the new value (or was named before it).
+  const w = new W();
+  const t = ctask("t", { who_has: { s: [P1] }, nbytes: { s: 5 }, versions: { s: 2 } });
+  w.on(compute(t));
+  // P1 says its value is version 1: dropped, and the scheduler asked where v2 is
+  // (blaming no holder: P1 may well get version 2 in a moment).
+  assert.deepEqual(w.on(gathered(P1, { s: 5 }, [], false, { s: 1 })), [release("s"), missingData("s", "")]);
+  assert.deepEqual(w.on(whoHas({ s: [P1] }, { s: 2 })), [gather(P1, ["s"])]);
+  assert.deepEqual(w.on(gathered(P1, { s: 5 }, [], false, { s: 2 })), [addKeys({ s: 5 }, { s: 2 }), execute(t)]);
+});
+
+test("a peer that does not say versions is taken at its word", () => {
+  const w = new W();
+  const t = ctask("t", { who_has: { s: [P1] }, nbytes: { s: 5 }, versions: { s: 2 } });
+  w.on(compute(t));
+  assert.deepEqual(w.on(gathered(P1, { s: 5 })), [addKeys({ s: 5 }, { s: 2 }), execute(t)]);
+});
+
+test("update_who_has of another version drops the copy held here", () => {
+  // The scheduler's answer to an add_keys of a copy of a value scattered over since.
+  const w = new W();
+  w.on(compute(ctask("t", { who_has: { s: [P1] }, nbytes: { s: 5 }, versions: { s: 1 } })));
+  w.on(gathered(P1, { s: 5 }));
+  w.on(ok("t"));
+  assert.deepEqual(w.on(whoHas({ s: [P2] }, { s: 2 })), [release("s")]);
+  assert.deepEqual(w.states(), { t: "memory" });
+  // The same version changes nothing.
+  const w2 = new W();
+  w2.on(stored({ s: 3 }, { s: 2 }));
+  assert.deepEqual(w2.on(whoHas({ s: [P2] }, { s: 2 })), []);
+  assert.deepEqual(w2.states(), { s: "memory" });
+  // Nor does a computed value told of without versions (version 0 both).
+  const w3 = new W();
+  w3.on(compute(ctask("t", { who_has: { c: [P1] }, nbytes: { c: 5 } })));
+  w3.on(gathered(P1, { c: 5 }));
+  assert.deepEqual(w3.on(whoHas({ c: [P1, P2] })), []);
+  assert.equal(w3.states().c, "memory");
+});
+
+test("update_who_has of another version refetches for a task not started", () => {
+  const w = new W(1);
+  w.on(compute(ctask("busy", { priority: [0] })));
+  const t = ctask("t", { run_id: 2, who_has: { s: [P1] }, nbytes: { s: 5 }, versions: { s: 1 } });
+  w.on(compute(t));
+  w.on(gathered(P1, { s: 5 }));
+  assert.equal(w.states().t, "ready"); // the only slot is busy
+  assert.deepEqual(w.on(whoHas({ s: [P2] }, { s: 2 })), [release("s"), gather(P2, ["s"])]);
+  assert.equal(w.states().t, "waiting");
+  assert.deepEqual(w.on(ok("busy")), [done("busy")]); // t does not start without s
+  assert.deepEqual(w.on(gathered(P2, { s: 5 })), [addKeys({ s: 5 }, { s: 2 }), execute(t)]);
+});
+
+test("a freed input that a task not started needs is asked for again", () => {
+  // The scheduler scattered over a key held here (free_keys) while a task here needs it.
+  const w = new W(1);
+  w.on(compute(ctask("busy", { priority: [0] })));
+  const t = ctask("t", { run_id: 2, who_has: { s: [P1] }, nbytes: { s: 5 }, versions: { s: 1 } });
+  w.on(compute(t));
+  w.on(gathered(P1, { s: 5 }));
+  assert.deepEqual(w.on(free("s")), [release("s"), missingData("s", "")]);
+  assert.deepEqual(w.on(whoHas({ s: [P2] }, { s: 2 })), [gather(P2, ["s"])]);
+  w.on(ok("busy"));
+  assert.deepEqual(w.on(gathered(P2, { s: 5 })), [addKeys({ s: 5 }, { s: 2 }), execute(t)]);
+  // Freed in one message with the tasks that need it (in any order): simply dropped.
+  const w2 = new W(1);
+  w2.on(compute(ctask("busy", { priority: [0] })));
+  w2.on(compute(t));
+  w2.on(gathered(P1, { s: 5 }));
+  assert.deepEqual(w2.on(free("s", "t")), [release("s")]);
+  assert.deepEqual(w2.states(), { busy: "executing" });
+});
+
+test("a cancelled run serves local tasks only when they want the computed value", () => {
+  const w = new W(2);
+  w.on(compute(ctask("x", { run_id: 1 })));
+  w.on(free("x"));
+  // x was scattered over meanwhile: t wants that value, not the run's.
+  const t = ctask("t", { run_id: 3, who_has: { x: [P1] }, nbytes: { x: 5 }, versions: { x: 7 } });
+  w.on(compute(t));
+  assert.deepEqual(w.on(ok("x", 1)), [release("x"), gather(P1, ["x"])]);
+  assert.deepEqual(w.on(gathered(P1, { x: 5 })), [addKeys({ x: 5 }, { x: 7 }), execute(t)]);
+});
+
+test("a key held as scattered data is computed when assigned", () => {
+  // Its computed value is another value: the copy is not reported as the run's result.
+  const w = new W();
+  w.on(stored({ k: 3 }, { k: 2 }));
+  const k = ctask("k", { run_id: 5 });
+  assert.deepEqual(w.on(compute(k)), [release("k"), execute(k)]);
+  assert.deepEqual(w.on(ok("k", 5)), [done("k", 5)]);
+  assert.equal(w.state.tasks.get("k").version, 0);
+});
+
+test("two runs of a key each give back what they hold", () => {
+  // A run dropped mid-run (stored over, then freed) and a new run of the key.
+  const w = new W(2, { GPU: 1 });
+  w.on(compute(ctask("k", { run_id: 1, resources: { GPU: 1 } })));
+  w.on(free("k"), stored({ k: 3 }, { k: 1 }));
+  w.on(free("k"), stored({ k: 3 }, { k: 2 }));
+  const k = ctask("k", { run_id: 3 });
+  assert.deepEqual(w.on(compute(k)), [release("k"), execute(k)]);
+  assert.equal(w.state.availableResources.GPU, 0); // the first run still holds it
+  // The first run ends: its GPU comes back, its value goes; the new run goes on.
+  assert.deepEqual(w.on(ok("k", 1)), [release("k")]);
+  assert.equal(w.state.availableResources.GPU, 1);
+  assert.deepEqual(w.states(), { k: "executing" });
+  assert.deepEqual(w.on(ok("k", 3)), [done("k", 3)]);
+  assert.equal(w.state.executing.size, 0);
 });
 
 test("stale results are ignored", () => {
   const w = new W();
-  assert.deepEqual(w.on(ok("never")), []);
+  // The IO layer stores a run's value only while the record wants it; whatever it did, it goes.
+  assert.deepEqual(w.on(ok("never")), [{ type: "release-data", keys: ["never"] }]);
   assert.deepEqual(w.on(failed("never")), []);
   assert.deepEqual(w.on(gathered(P1, { zzz: 1 })), []);
   assert.deepEqual(w.on({ type: "free", keys: ["zzz"] }), []);
@@ -274,5 +510,194 @@ test("randomized: invariants hold and resources are never oversubscribed", () =>
         assert.ok(used <= w.state.resourcePool.total[name] + 1e-9, `seed ${seed}: ${name} oversubscribed`);
       }
     }
+  }
+});
+
+test("randomized with versions: a task starts with the value it names, a copy reported as current is it", () => {
+  // A scheduler and an IO layer around the state machine, both simulated as
+  // in tests/test_worker_state.py: every value carries its version, so the
+  // checks see which value a task starts with and which one a copy is.
+  const PEERS = [P1, P2, P3];
+  const DATA = ["d0", "d1", "d2", "d3"];
+  for (let seed = 1; seed <= 40; seed++) {
+    const r = rng(seed);
+    const pick = (xs) => xs[Math.floor(r() * xs.length)];
+    const w = new W(1 + Math.floor(r() * 2), { GPU: 1 });
+    const peers = new Map(PEERS.map((p) => [p, new Map()])); // peer -> key -> version held
+    // peer -> key -> the version the scheduler stored there that the peer has not
+    // read yet: the scheduler names it a holder, the peer still serves the old value.
+    const lag = new Map(PEERS.map((p) => [p, new Map()]));
+    for (const k of DATA) peers.get(pick(PEERS)).set(k, 0);
+    const store = new Map(); // the IO layer's data: key -> version
+    const current = new Map(); // the scheduler's: key -> the version of its value now (absent: 0)
+    const jobs = []; // [key, runId]
+    const flights = new Map(); // peer -> keys
+    const missing = new Set();
+    let counter = 0;
+    let n = 0;
+    const cur = (k) => current.get(k) ?? 0;
+    const said = (p, k) => (lag.get(p).has(k) ? lag.get(p).get(k) : peers.get(p).get(k));
+    const holders = (k) => PEERS.filter((p) => said(p, k) === cur(k));
+    const readStore = (p, k) => {
+      peers.get(p).set(k, lag.get(p).get(k));
+      lag.get(p).delete(k);
+    };
+    const where = (s) => `seed ${seed}: ${s}`;
+
+    const handle = (...events) => {
+      for (const inst of w.on(...events)) {
+        if (inst.type === "release-data") for (const k of inst.keys) store.delete(k);
+        else if (inst.type === "gather") flights.set(inst.peer, inst.keys);
+        else if (inst.type === "execute") {
+          for (const dep of Object.keys(inst.spec.who_has)) {
+            assert.ok(store.has(dep), where(`${inst.key} started without its input ${dep}`));
+            // Assigned since the last scatter over the input: exactly that value.
+            const named = inst.spec.versions?.[dep] ?? 0;
+            if (named === cur(dep)) assert.equal(store.get(dep), named, where(`${inst.key} got ${dep} v${store.get(dep)}`));
+          }
+          jobs.push([inst.key, inst.spec.run_id]);
+        } else if (inst.msg.op === "add_keys") {
+          assert.ok(inst.msg.versions, where("add_keys without versions"));
+          for (const key of Object.keys(inst.msg.nbytes)) {
+            assert.ok(store.has(key), where(`${key} reported but not stored`));
+            // A copy reported as of the current value is of the current value.
+            const v = inst.msg.versions[key] ?? 0;
+            if (v === cur(key)) assert.equal(store.get(key), v, where(`${key} reported as v${v}`));
+          }
+        } else if (inst.msg.op === "missing_data") {
+          missing.add(inst.msg.key);
+        }
+      }
+      for (const ts of w.state.tasks.values()) {
+        if (ts.state !== "memory") continue;
+        assert.ok(store.has(ts.key), where(`${ts.key} in memory but not in the store`));
+        if (ts.version === cur(ts.key)) assert.equal(store.get(ts.key), ts.version, where(`${ts.key} held as v${ts.version}`));
+      }
+    };
+    const finishJob = () => {
+      const [key, runId] = jobs.splice(Math.floor(r() * jobs.length), 1)[0];
+      if (r() < 0.85) {
+        // As the IO layer: a run's value never goes over data stored since.
+        const state = w.state.tasks.get(key)?.state;
+        if (state === "executing" || state === "cancelled") store.set(key, 0);
+        handle(ok(key, runId));
+      } else {
+        handle(failed(key, runId));
+      }
+    };
+    const finishGather = (reachable) => {
+      const peer = pick([...flights.keys()]);
+      const keys = flights.get(peer);
+      flights.delete(peer);
+      if (!reachable) return handle(gathered(peer, {}, [], true));
+      const held = peers.get(peer);
+      for (const k of keys) if (lag.get(peer).has(k) && r() < 0.5) readStore(peer, k);
+      const received = {};
+      const versions = {}; // the peer says which version each is (data.versions)
+      for (const k of keys) {
+        if (!held.has(k)) continue;
+        received[k] = 10;
+        versions[k] = held.get(k);
+        // As the IO layer: only into a key still wanted, never over data since.
+        const state = w.state.tasks.get(k)?.state;
+        if (["flight", "fetch", "missing"].includes(state)) store.set(k, held.get(k));
+      }
+      handle(gathered(peer, received, keys.filter((k) => !Object.hasOwn(received, k)), false, versions));
+    };
+    const answerMissing = () => {
+      const key = pick([...missing]);
+      missing.delete(key);
+      if (!holders(key).length) {
+        const p = pick(PEERS); // found (or made) elsewhere
+        peers.get(p).set(key, cur(key));
+        lag.get(p).delete(key);
+      }
+      handle(whoHas({ [key]: holders(key) }, cur(key) ? { [key]: cur(key) } : undefined));
+    };
+    const scatter = (key) => {
+      current.set(key, ++counter);
+      for (const held of peers.values()) held.delete(key); // the old value is freed everywhere...
+      for (const held of lag.values()) held.delete(key);
+      return counter;
+    };
+
+    for (let step = 0; step < 250; step++) {
+      const roll = r();
+      if (roll < 0.3) {
+        const tasks = [];
+        for (let i = 0; i < 1 + Math.floor(r() * 3); i++) {
+          const who = {};
+          for (const dep of DATA.filter((k) => holders(k).length && r() < 0.35)) {
+            const hs = holders(dep);
+            if (r() < 0.2) {
+              const stale = pick(PEERS); // a stale location: it lost its copy
+              if (peers.get(stale).get(dep) !== cur(dep)) peers.get(stale).delete(dep);
+              hs.push(stale);
+            }
+            who[dep] = [...new Set(hs)].sort();
+          }
+          const versions = Object.fromEntries(Object.keys(who).filter(cur).map((k) => [k, cur(k)]));
+          const res = r() < 0.3 ? { GPU: 1 } : undefined;
+          tasks.push(ctask(`t${n++}`, { who_has: who, versions, resources: res, priority: [Math.floor(r() * 3), n] }));
+        }
+        handle(compute(...tasks));
+      } else if (roll < 0.5 && jobs.length) {
+        finishJob();
+      } else if (roll < 0.68 && flights.size) {
+        finishGather(r() < 0.9);
+      } else if (roll < 0.76 && missing.size) {
+        answerMissing();
+      } else if (roll < 0.86) {
+        // A client scatters over a key onto peers; the worker learns it one
+        // way (free_keys of its copy, or the answer to its add_keys), or later.
+        const key = pick(DATA);
+        const old = PEERS.map((p) => peers.get(p).get(key));
+        const v = scatter(key);
+        PEERS.forEach((p, i) => {
+          if (r() < 0.5) return;
+          if (old[i] !== undefined && r() < 0.4) {
+            peers.get(p).set(key, old[i]); // ...but where the new one is stored, not yet read
+            lag.get(p).set(key, v);
+          } else {
+            peers.get(p).set(key, v);
+          }
+        });
+        const ts = w.state.tasks.get(key);
+        if (ts?.state !== "memory") continue;
+        const how = r();
+        if (how < 0.4) handle(free(key));
+        else if (how < 0.8) handle(whoHas({ [key]: holders(key) }, { [key]: v }));
+      } else if (roll < 0.92) {
+        // ... or onto this worker (free_keys of a copy here first, in one batch).
+        const key = pick(DATA);
+        const v = scatter(key);
+        store.set(key, v);
+        if (w.state.tasks.get(key)?.state === "memory") handle(free(key), stored({ [key]: 3 }, { [key]: v }));
+        else handle(stored({ [key]: 3 }, { [key]: v }));
+      } else if (roll < 0.97) {
+        // The scheduler frees a task, and an input once no task here needs it.
+        const keys = [`t${Math.floor(r() * n)}`];
+        const d = w.state.tasks.get(pick(DATA));
+        if (d && !d.dependents.size) keys.push(d.key);
+        handle(free(...keys));
+      } else {
+        const peer = pick(PEERS);
+        const held = [...peers.get(peer).keys()];
+        if (held.length) {
+          const k = pick(held);
+          peers.get(peer).delete(k);
+          lag.get(peer).delete(k);
+        }
+      }
+    }
+    // Everything assigned ends: runs, fetches and questions are answered.
+    for (const p of PEERS) for (const k of [...lag.get(p).keys()]) readStore(p, k);
+    for (let i = 0; i < 1000 && (jobs.length || flights.size || missing.size); i++) {
+      if (jobs.length) finishJob();
+      else if (flights.size) finishGather(true);
+      else answerMissing();
+    }
+    const stuck = [...w.state.tasks.values()].filter((t) => t.spec && !["memory", "error"].includes(t.state));
+    assert.deepEqual(stuck.map((t) => `${t.key} ${t.state}`), [], where("tasks that never ran"));
   }
 });
