@@ -253,3 +253,17 @@ def test_lone_release_is_sent_without_a_later_message(c, mcluster):
     assert fut.result() == 8
     del fut
     assert_eventually(lambda: key not in mcluster.scheduler.state.tasks, "lone release sent")
+
+
+def test_a_finished_future_costs_the_garbage_collector_two_objects(c):
+    """A client holding 100,000 futures pays for each tracked object at every full
+    collection: a finished future is its Future and its FutureState, nothing more
+    (no per-future lists; holders in a tuple of strings, which the collector drops)."""
+    futures = c.map(inc, range(200), pure=False)
+    assert c.gather(futures) == list(range(1, 201))
+    gc.collect()
+    for f in futures:
+        state = f._state
+        shared = (state.lock, type(state))
+        owned = [o for o in gc.get_referents(state) if gc.is_tracked(o) and o not in shared]
+        assert owned == [], (state.key, owned)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
 from typing import Any
 
 from .. import config
+from .._gc import paused_gc
 from .._loop import LoopThread
 from ..comm import Connection
 from ..comm.handshake import connect, connect_with_retry
@@ -781,7 +782,28 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             priority, workers, allow_other_workers, retries, resources, environment
         )
         base_priority = options.pop("priority")
-        step = batch_size or MAP_BATCH_SIZE
+        with paused_gc():  # corral._gc: what is packed here is freed by refcounting
+            return self._map_batches(
+                func, fid, fn_payload, items, key, pure, options, base_priority, runtime,
+                foreign, kwargs, batch_size or MAP_BATCH_SIZE,
+            )  # fmt: skip
+
+    def _map_batches(
+        self,
+        func: Any,
+        fid: str,
+        fn_payload: Payload,
+        items: list[tuple[Any, ...]],
+        key: str | list[str] | None,
+        pure: bool,
+        options: dict[str, Any],
+        base_priority: list[float],
+        runtime: str | None,
+        foreign: bool,
+        kwargs: dict[str, Any],
+        step: int,
+    ) -> list[Future]:
+        """Pack ``map``'s tasks, sending each batch of ``step`` as soon as it is full."""
         futures: list[Future] = []
         chunk: list[TaskSpec] = []
         for i, item in enumerate(items):
@@ -832,7 +854,6 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         resources: dict[str, float] | None = None,
         environment: str | list[str] | None = None,
     ) -> dict[Hashable, Future]:
-        table = FunctionTable()
         # dask.annotate(...) around the call: defaults for every task (explicit
         # arguments win), as in dask.distributed; per-task annotations win over both.
         glob = _call_time_annotations()
@@ -842,6 +863,24 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         retries = retries or glob.get("retries", 0)
         resources = resources or glob.get("resources")
         environment = environment or glob.get("environment")
+        with paused_gc():  # corral._gc: converting and packing only builds, no cycles
+            return self._pack_graph(
+                dsk, keys, priority, workers, allow_other_workers, retries, resources, environment
+            )
+
+    def _pack_graph(
+        self,
+        dsk: Any,
+        keys: list[Hashable],
+        priority: Any,
+        workers: Any,
+        allow_other_workers: bool,
+        retries: int,
+        resources: dict[str, float] | None,
+        environment: str | list[str] | None,
+    ) -> dict[Hashable, Future]:
+        """Convert, order and send a graph (in parts when big); see :meth:`_submit_graph`."""
+        table = FunctionTable()
         per_task: dict[str, dict[str, Any]] = {}
         graph = ConvertedGraph(dsk, annotations=per_task)
         fid, fn_payload = self._function_id(execute_node)
@@ -1027,7 +1066,7 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
                 finishes = [fs.finishes for fs in todo]
                 who_has = await self._request("who_has", keys=[fs.key for fs in todo])
                 for fs in todo:
-                    fs.who_has = who_has.get(fs.key, [])
+                    fs.who_has = tuple(who_has.get(fs.key, ()))
                 # In memory nowhere: every holder died and the scheduler is computing the
                 # key again (or will report it lost).  Wait for that, as dask does.
                 again = [

@@ -8,7 +8,7 @@ import contextlib
 import copy
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import (
@@ -124,23 +124,27 @@ class FutureState:
         self.has_value = False
         self.error: ErrorInfo | None = None
         self.exception_obj: BaseException | None = None
-        self.who_has: list[str] = []
+        # A tuple: once it holds only strings the garbage collector stops
+        # tracking it (a client may hold 100,000 futures; see _complete too).
+        self.who_has: tuple[str, ...] = ()
         self.typename: str | None = None
         self.finishes = 0  # how many times the scheduler said the key is in memory
         self.refs = 0
         self.lock = lock
         self._event: threading.Event | None = None
-        self._async_waiters: list[asyncio.Future[None]] = []
-        self._callbacks: list[Callable[[FutureState], None]] = []
+        # Made on first use: most futures get neither, and every list is one
+        # more object for each garbage collection to visit.
+        self._async_waiters: list[asyncio.Future[None]] | None = None
+        self._callbacks: list[Callable[[FutureState], None]] | None = None
 
     def done(self) -> bool:
         """True once the key finished, failed, was cancelled or lost."""
         return self.status in DONE
 
     # -- set from the client's event loop ------------------------------------------
-    def finish(self, who_has: list[str], typename: str | None, payload: Payload | None) -> None:
+    def finish(self, who_has: Sequence[str], typename: str | None, payload: Payload | None) -> None:
         """The key is in memory on the cluster."""
-        self.who_has = who_has
+        self.who_has = tuple(who_has)
         self.typename = typename
         self.finishes += 1
         if payload is not None and not self.has_value:
@@ -188,16 +192,18 @@ class FutureState:
     def _complete(self, status: str) -> None:
         with self.lock:
             self.status = status
-            event = self._event
-            callbacks, self._callbacks = self._callbacks, []
+            event, self._event = self._event, None  # its waiters hold it; done: no more
+            callbacks, self._callbacks = self._callbacks, None
         if event is not None:
             event.set()
-        waiters, self._async_waiters = self._async_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-        for cb in callbacks:
-            cb(self)
+        waiters, self._async_waiters = self._async_waiters, None
+        if waiters:
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+        if callbacks:
+            for cb in callbacks:
+                cb(self)
 
     # -- waiting ---------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
@@ -217,6 +223,8 @@ class FutureState:
         if self.status in DONE:
             return
         fut = asyncio.get_running_loop().create_future()
+        if self._async_waiters is None:
+            self._async_waiters = []
         self._async_waiters.append(fut)
         await fut
 
@@ -225,6 +233,8 @@ class FutureState:
         with self.lock:
             if self.status in DONE:
                 return False
+            if self._callbacks is None:
+                self._callbacks = []
             self._callbacks.append(cb)
             return True
 
