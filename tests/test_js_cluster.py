@@ -243,12 +243,21 @@ def test_javascript_workers_push_results_to_a_watching_client(mixed):
         relayed.extend(m.key for m in batch if type(m).__name__ == "KeyInMemory")
         original(batch)
 
+    def pushed_batch() -> bool:
+        futures = client.map("mathlib:sum", [[i, 2] for i in range(20)], runtime="js", pure=False)
+        assert client.gather(futures) == [i + 2 for i in range(20)]
+        return not set(relayed) & {f.key for f in futures}
+
     client._conn.set_handler(on_messages)
     try:
+        # Each worker reads watch_results on a connection of its own, a moment
+        # after the client has sent it: once a whole batch came pushed, all do.
+        wait_for(pushed_batch, what="results pushed by the JavaScript workers")
+        relayed.clear()
         futures = [
-            client.submit("mathlib:sum", [i, 2], runtime="js", pure=False) for i in range(20)
+            client.submit("mathlib:sum", [i, 3], runtime="js", pure=False) for i in range(20)
         ]
-        assert [f.result(timeout=30) for f in futures] == [i + 2 for i in range(20)]
+        assert [f.result(timeout=30) for f in futures] == [i + 3 for i in range(20)]
     finally:
         client._conn.set_handler(original)
     assert not set(relayed) & {f.key for f in futures}

@@ -39,11 +39,26 @@ class Relayed:
         client._conn.set_handler(on_messages)
 
 
-def _wait_watching(client: Client, n: int, timeout: float = 10) -> None:
+def _wait_watching(client: Client, n: int, cluster: Any = None, timeout: float = 10) -> None:
+    """Until the client watches ``n`` workers (and, in-process, they have its request)."""
     deadline = time.monotonic() + timeout
-    while sum(c is not None for c in client._watching.values()) < n:
+    while sum(c is not None for c in client._watching.values()) < n or (
+        cluster is not None and any(client.id not in w._watchers for w in cluster.workers.values())
+    ):
         assert time.monotonic() < deadline, f"watching {client._watching}"
         time.sleep(0.01)
+
+
+def _until_pushed(client: Client, relayed: Relayed, timeout: float = 10) -> None:
+    """Until a map's results all come pushed (the workers read watch_results by then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        futures = client.map(inc, range(20), pure=False)
+        client.gather(futures)
+        with relayed.lock:
+            if not {f.key for f in futures} & set(relayed.keys):
+                return
+        assert time.monotonic() < deadline, "results still relayed by the scheduler"
 
 
 def test_results_come_from_the_worker_once_it_is_watched(cluster: Any) -> None:
@@ -52,7 +67,7 @@ def test_results_come_from_the_worker_once_it_is_watched(cluster: Any) -> None:
         # The first result of each worker comes through the scheduler and names it.
         first = client.map(inc, range(20), pure=False)
         assert client.gather(first) == list(range(1, 21))
-        _wait_watching(client, 2)
+        _wait_watching(client, 2, cluster)
         for worker in cluster.workers.values():
             assert client.id in worker._watchers
         relayed.keys.clear()
@@ -91,7 +106,7 @@ def test_a_client_that_does_not_watch_still_gets_every_result(
 def test_a_lost_watch_falls_back_to_the_scheduler(cluster: Any) -> None:
     with Client(cluster) as client:
         assert client.gather(client.map(inc, range(10), pure=False)) == list(range(1, 11))
-        _wait_watching(client, 2)
+        _wait_watching(client, 2, cluster)
         for worker in cluster.workers.values():
             conn = worker._watchers[client.id]
             worker._loop.call_soon_threadsafe(conn.abort, "test drops the watch")
@@ -133,6 +148,7 @@ def test_watched_worker_processes_push_results(processes: bool) -> None:
         relayed = Relayed(client)
         assert client.gather(client.map(inc, range(20), pure=False)) == list(range(1, 21))
         _wait_watching(client, 2)
+        _until_pushed(client, relayed)  # worker processes: nothing to look at but results
         relayed.keys.clear()
         values = [client.submit(inc, i, pure=False).result(timeout=10) for i in range(30)]
         assert values == list(range(1, 31))
@@ -143,7 +159,7 @@ def test_a_pushed_result_arrives_while_the_scheduler_has_not_read_it(cluster: An
     """The worker's push does not wait for the scheduler; who_has answers from it meanwhile."""
     with Client(cluster) as client:
         assert client.gather(client.map(inc, range(20), pure=False)) == list(range(1, 21))
-        _wait_watching(client, 2)
+        _wait_watching(client, 2, cluster)
         scheduler = cluster.scheduler
         streams = [scheduler._streams[w.address] for w in cluster.workers.values()]
         run = cluster._loop_thread.run  # the cluster's event loop
