@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -95,4 +96,39 @@ def test_tree_reduction_survives_a_worker_killed_every_second() -> None:
             "tasks to be forgotten",
             timeout=30,
         )
+        s.call(s.scheduler.state.validate)
+
+
+def test_direct_results_survive_watched_workers_being_killed() -> None:
+    """Workers that push results to the client die; every result still arrives, right."""
+    with scheduler_thread(token="t", allowed_failures=1000) as s, corral_process(
+        "worker", s.address, "--nanny", "--nworkers", str(N_WORKERS), "--nthreads", "1",
+        "--log-level", "ERROR", env=corral_env("t"),
+    ):  # fmt: skip
+        poll(lambda: len(s.workers()) == N_WORKERS, "the workers", timeout=60)
+        with Client(s.address, token="t", set_as_default=False) as c:
+            assert c.gather(c.map(slow_inc, range(30), pure=False)) == list(range(1, 31))
+            poll(lambda: any(w is not None for w in c._watching.values()), "a watched worker")
+            rng = random.Random(3)
+            kills = 0
+            for _ in range(KILLS):
+                pids = [w["pid"] for w in s.workers().values()]
+                if len(pids) >= 2:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+                        kills += 1
+                # sequential round trips and a map, while the cluster heals
+                values = [c.submit(slow_inc, i, pure=False).result(timeout=60) for i in range(20)]
+                assert values == list(range(1, 21))
+                assert c.gather(c.map(slow_inc, range(100), pure=False)) == list(range(1, 101))
+            assert kills >= MIN_KILLS
+            poll(lambda: len(s.workers()) == N_WORKERS, "the workers to come back", timeout=60)
+            # the client watches the new workers too, and they push
+            assert c.gather(c.map(slow_inc, range(50), pure=False)) == list(range(1, 51))
+            poll(
+                lambda: sum(w is not None and not w.closed for w in c._watching.values()) >= 2,
+                "the client to watch the workers that came back",
+                timeout=30,
+            )
+        poll(lambda: s.call(lambda: not s.scheduler.state.tasks), "tasks forgotten", timeout=30)
         s.call(s.scheduler.state.validate)
