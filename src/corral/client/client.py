@@ -782,60 +782,40 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             priority, workers, allow_other_workers, retries, resources, environment
         )
         base_priority = options.pop("priority")
-        with paused_gc():  # corral._gc: what is packed here is freed by refcounting
-            return self._map_batches(
-                func, fid, fn_payload, items, key, pure, options, base_priority, runtime,
-                foreign, kwargs, batch_size or MAP_BATCH_SIZE,
-            )  # fmt: skip
-
-    def _map_batches(
-        self,
-        func: Any,
-        fid: str,
-        fn_payload: Payload,
-        items: list[tuple[Any, ...]],
-        key: str | list[str] | None,
-        pure: bool,
-        options: dict[str, Any],
-        base_priority: list[float],
-        runtime: str | None,
-        foreign: bool,
-        kwargs: dict[str, Any],
-        step: int,
-    ) -> list[Future]:
-        """Pack ``map``'s tasks, sending each batch of ``step`` as soon as it is full."""
+        step = batch_size or MAP_BATCH_SIZE
         futures: list[Future] = []
         chunk: list[TaskSpec] = []
-        for i, item in enumerate(items):
-            if foreign:
-                args_payload, deps = self._pack_plain_args(item, kwargs)
-            else:
-                args_payload, deps = self._pack_args(item, kwargs)
-            if isinstance(key, list):
-                k = key[i]
-            elif isinstance(key, str):
-                k = f"{key}-{_digest(fid, args_payload, pure)}"
-            else:
-                k = _make_key(func, fid, args_payload, pure)
-            futures.append(Future(k, self))
-            chunk.append(
-                TaskSpec(
-                    key=k,
-                    args=args_payload,
-                    fn=fid,
-                    deps=deps,
-                    priority=[*base_priority, i],
-                    runtime=runtime if foreign else None,
-                    **options,
+        with paused_gc():  # corral._gc: what is packed here is freed by refcounting
+            for i, item in enumerate(items):
+                if foreign:
+                    args_payload, deps = self._pack_plain_args(item, kwargs)
+                else:
+                    args_payload, deps = self._pack_args(item, kwargs)
+                if isinstance(key, list):
+                    k = key[i]
+                elif isinstance(key, str):
+                    k = f"{key}-{_digest(fid, args_payload, pure)}"
+                else:
+                    k = _make_key(func, fid, args_payload, pure)
+                futures.append(Future(k, self))
+                chunk.append(
+                    TaskSpec(
+                        key=k,
+                        args=args_payload,
+                        fn=fid,
+                        deps=deps,
+                        priority=[*base_priority, i],
+                        runtime=runtime if foreign else None,
+                        **options,
+                    )
                 )
-            )
-            if len(chunk) >= step:
-                # Sent while the rest is still being packed: the cluster starts
-                # on the first tasks instead of waiting for the whole map.
+                if len(chunk) >= step:
+                    # Sent while the rest is still being packed: the cluster starts
+                    # on the first tasks instead of waiting for the whole map.
+                    self._send_tasks(chunk, {fid: fn_payload})
+                    chunk = []
+            if chunk:
                 self._send_tasks(chunk, {fid: fn_payload})
-                chunk = []
-        if chunk:
-            self._send_tasks(chunk, {fid: fn_payload})
         return futures
 
     def _send_tasks(self, specs: list[TaskSpec], functions: dict[str, Payload]) -> None:
@@ -864,53 +844,37 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
         resources = resources or glob.get("resources")
         environment = environment or glob.get("environment")
         with paused_gc():  # corral._gc: converting and packing only builds, no cycles
-            return self._pack_graph(
-                dsk, keys, priority, workers, allow_other_workers, retries, resources, environment
+            table = FunctionTable()
+            per_task: dict[str, dict[str, Any]] = {}
+            graph = ConvertedGraph(dsk, annotations=per_task)
+            fid, fn_payload = self._function_id(execute_node)
+            options = self._task_options(
+                priority, workers, allow_other_workers, retries, resources, environment
             )
-
-    def _pack_graph(
-        self,
-        dsk: Any,
-        keys: list[Hashable],
-        priority: Any,
-        workers: Any,
-        allow_other_workers: bool,
-        retries: int,
-        resources: dict[str, float] | None,
-        environment: str | list[str] | None,
-    ) -> dict[Hashable, Future]:
-        """Convert, order and send a graph (in parts when big); see :meth:`_submit_graph`."""
-        table = FunctionTable()
-        per_task: dict[str, dict[str, Any]] = {}
-        graph = ConvertedGraph(dsk, annotations=per_task)
-        fid, fn_payload = self._function_id(execute_node)
-        options = self._task_options(
-            priority, workers, allow_other_workers, retries, resources, environment
-        )
-        base = options.pop("priority")
-        annotated = {k: _annotated_options(k, a, options, base) for k, a in per_task.items()}
-        wanted = {stringify(k): k for k in keys}
-        futures = {orig: Future(skey, self) for skey, orig in wanted.items()}
-        # A big graph goes in parts, highest priority (inputs) first: the
-        # cluster starts on them while the rest is still being pickled.  The
-        # scheduler keeps each part's tasks until the last part arrives.
-        in_parts = graph.topological and len(graph.nodes) > 2 * GRAPH_PART_SIZE
-        hold = f"graph-{next(self._order)}" if in_parts else None
-        specs: list[TaskSpec] = []
-        for key in graph.keys if in_parts else graph.nodes:
-            packed = graph.pack(key, table)
-            if packed is None:
-                continue
-            k, args, deps, order = packed
-            opts, prio = annotated.get(k) or (options, base)
-            specs.append(
-                TaskSpec(key=k, args=args, fn=fid, deps=deps, priority=[*prio, order], **opts)
-            )
-            if in_parts and len(specs) >= GRAPH_PART_SIZE:
-                self._send_graph_part(specs, [], fid, fn_payload, table, hold, more=True)
-                specs = []
-        self._send_graph_part(specs, list(wanted), fid, fn_payload, table, hold, more=False)
-        return futures
+            base = options.pop("priority")
+            annotated = {k: _annotated_options(k, a, options, base) for k, a in per_task.items()}
+            wanted = {stringify(k): k for k in keys}
+            futures = {orig: Future(skey, self) for skey, orig in wanted.items()}
+            # A big graph goes in parts, highest priority (inputs) first: the
+            # cluster starts on them while the rest is still being pickled.  The
+            # scheduler keeps each part's tasks until the last part arrives.
+            in_parts = graph.topological and len(graph.nodes) > 2 * GRAPH_PART_SIZE
+            hold = f"graph-{next(self._order)}" if in_parts else None
+            specs: list[TaskSpec] = []
+            for key in graph.keys if in_parts else graph.nodes:
+                packed = graph.pack(key, table)
+                if packed is None:
+                    continue
+                k, args, deps, order = packed
+                opts, prio = annotated.get(k) or (options, base)
+                specs.append(
+                    TaskSpec(key=k, args=args, fn=fid, deps=deps, priority=[*prio, order], **opts)
+                )
+                if in_parts and len(specs) >= GRAPH_PART_SIZE:
+                    self._send_graph_part(specs, [], fid, fn_payload, table, hold, more=True)
+                    specs = []
+            self._send_graph_part(specs, list(wanted), fid, fn_payload, table, hold, more=False)
+            return futures
 
     def _send_graph_part(
         self,
