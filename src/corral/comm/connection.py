@@ -336,10 +336,10 @@ class Connection(asyncio.BufferedProtocol):
 
         It writes only when nothing is queued ahead (in this connection or in
         its transport), so messages keep their order; otherwise, or for TLS,
-        a paused or closed stream, or more than :data:`THREAD_WRITE_MAX`
-        bytes, nothing is written and the caller sends through the loop.
-        What the socket does not take at once goes to the loop, ahead of
-        anything queued later.
+        a paused or closed stream, nothing is written and the caller sends
+        through the loop.  Messages of more than :data:`THREAD_WRITE_MAX`
+        bytes are encoded here and written by the loop; what the socket does
+        not take at once also goes to the loop, ahead of anything queued later.
         """
         with self._write_lock:
             fd, transport = self._thread_fd, self._transport
@@ -382,6 +382,9 @@ class Connection(asyncio.BufferedProtocol):
     def _write_handed_over(self) -> None:
         with self._write_lock:
             self._handing_over = False
+            if self._transport is None or self._transport.is_closing():
+                self._write_queue.clear()  # closed meanwhile: close() wrote what it could
+                return
             self._pump_locked()
             if self._outbox and not self._flush_soon:
                 self._schedule_flush(0.0)
