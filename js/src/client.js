@@ -120,6 +120,9 @@ export class Client {
    * @param {string} [options.token]  auth token (default $CORRAL_AUTH_TOKEN)
    * @param {string} [options.name]
    * @param {number} [options.timeout]  seconds to connect (default 30)
+   * @param {boolean} [options.directResults]  receive small results straight from the
+   *   workers that computed them (watch_results; default true)
+   * @param {number} [options.directResultsMaxWorkers]  most workers watched (default 64)
    */
   constructor(address, options = {}) {
     this.address = address;
@@ -136,6 +139,9 @@ export class Client {
     this.order = 0;
     /** @type {Map<string, {conn: Promise<any>, queue: Promise<any>}>} */
     this.workers = new Map();
+    /** Workers pushing this client's small results: address -> connection (null: connecting, or refused). */
+    this.watching = new Map();
+    this.watchMax = options.directResults === false ? 0 : (options.directResultsMaxWorkers ?? 64);
   }
 
   /** Connect to the scheduler at `address`; resolves to the open client. */
@@ -169,6 +175,8 @@ export class Client {
     this.conn?.close("client closing");
     for (const w of this.workers.values()) w.conn.then((c) => c.close(), () => {});
     this.workers.clear();
+    for (const conn of this.watching.values()) conn?.close("client closing");
+    this.watching.clear();
   }
 
   #onClosed() {
@@ -208,12 +216,10 @@ export class Client {
       switch (msg.op) {
         case "key_in_memory": {
           const fs = this.futures.get(msg.key);
-          if (!fs) break;
-          fs.status = "finished";
-          fs.whoHas = msg.who_has ?? [];
-          fs.typename = msg.typename ?? null;
-          if (msg.result) fs.payload = msg.result;
-          fs.settle();
+          if (fs) this.#finish(fs, msg);
+          if (msg.result && this.watching.size < this.watchMax) {
+            for (const address of msg.who_has ?? []) if (!this.watching.has(address)) this.#watch(address);
+          }
           break;
         }
         case "key_erred": {
@@ -244,6 +250,44 @@ export class Client {
           break; // ops this client never asked for (results of Python-only requests)
       }
     }
+  }
+
+  #finish(fs, msg) {
+    fs.status = "finished";
+    fs.whoHas = msg.who_has ?? [];
+    fs.typename = msg.typename ?? null;
+    if (msg.result) fs.payload = msg.result;
+    fs.settle();
+  }
+
+  /** Ask the worker at `address` to push this client's small results (docs/protocol.md, watch_results). */
+  #watch(address) {
+    this.watching.set(address, null);
+    connect(address, { role: "client", id: this.id, token: this.token }).then(
+      ({ conn }) => {
+        if (this.status !== "running") {
+          conn.close("client closing");
+          return;
+        }
+        this.watching.set(address, conn);
+        let pushed = false;
+        conn.setHandler((ops) => {
+          pushed = true;
+          for (const msg of ops) {
+            if (msg.op !== "key_in_memory") continue;
+            const fs = this.futures.get(msg.key);
+            if (fs && fs.status === "pending") this.#finish(fs, msg); // the scheduler does not relay it
+          }
+        });
+        // Lost after it worked (the worker left): watched again once a result names it.
+        // One that closed at once (a worker without watch_results) is left alone.
+        conn.onClose(() => {
+          if (pushed && this.watching.get(address) === conn) this.watching.delete(address);
+        });
+        conn.send({ op: "watch_results" });
+      },
+      () => {}, // results keep coming through the scheduler
+    );
   }
 
   /** Ask the scheduler a question (docs/protocol.md, "Request methods"). */

@@ -119,3 +119,38 @@ test("a wrong token is refused", async () => {
   await assert.rejects(Client.connect(cluster.address, { token: "wrong", timeout: 5 }), HandshakeError);
   await assert.rejects(Client.connect(cluster.address, { token: null, timeout: 5 }), /requires an authentication token/);
 });
+
+test("small results come pushed by the workers that computed them (watch_results)", async () => {
+  const info = await client.schedulerInfo();
+  const jsWorkers = Object.values(info.workers).filter((w) => w.runtime === "js").map((w) => w.address);
+  const batch = async (offset) => {
+    const futures = Array.from({ length: 20 }, (_, i) => client.submit("mathlib:add", [i, offset], { pure: false }));
+    assert.deepEqual(await client.gather(futures), futures.map((_, i) => i + offset));
+    return futures;
+  };
+  await batch(1000); // relayed results name the workers: the client starts watching them
+  const deadline = Date.now() + 30_000;
+  while (!jsWorkers.every((a) => client.watching.get(a))) {
+    assert.ok(Date.now() < deadline, "the client watches both JavaScript workers");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  // Count what the scheduler relays; once a whole batch came pushed, every worker pushes.
+  const relayed = new Set();
+  const original = client.conn.onMessages;
+  client.conn.setHandler((ops) => {
+    for (const op of ops) if (op.op === "key_in_memory") relayed.add(op.key);
+    original(ops);
+  });
+  try {
+    for (;;) {
+      const futures = await batch(2000);
+      if (!futures.some((f) => relayed.has(f.key))) break;
+      assert.ok(Date.now() < deadline, "results are still relayed by the scheduler");
+    }
+    relayed.clear();
+    const futures = await batch(3000);
+    assert.ok(!futures.some((f) => relayed.has(f.key)), "the scheduler relayed pushed results");
+  } finally {
+    client.conn.setHandler(original);
+  }
+});
