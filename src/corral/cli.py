@@ -209,6 +209,20 @@ def main() -> None:
     default=None,
     help="Serve the dashboard and /metrics [config dashboard.enabled: true].",
 )
+@click.option(
+    "--dashboard-auth",
+    type=click.Choice(["token", "none"]),
+    default=None,
+    help="token: the dashboard asks for the cluster's token when it has one (or, with mutual "
+    "TLS, a client certificate); none: open to anyone who reaches it [config dashboard.auth: "
+    "token].",
+)
+@click.option(
+    "--dashboard-tls/--no-dashboard-tls",
+    default=None,
+    help="Serve the dashboard over HTTPS with --tls-cert when given [config dashboard.tls: "
+    "true].",
+)
 @click.option("--scheduler-file", default=None, help="Write the address here as JSON.")
 @click.option(
     "--auth",
@@ -235,6 +249,8 @@ def scheduler(
     port: int | None,
     dashboard_address: str | None,
     dashboard: bool | None,
+    dashboard_auth: str | None,
+    dashboard_tls: bool | None,
     scheduler_file: str | None,
     auth: str | None,
     auth_token_file: str | None,
@@ -297,6 +313,8 @@ def scheduler(
             token_in_scheduler_file=auth == "generate",
             version_check=version_check,
             dashboard_address=dashboard_at,
+            dashboard_auth=dashboard_auth,
+            dashboard_tls=dashboard_tls,
         )
 
     async def start() -> None:

@@ -301,6 +301,20 @@ OPTIONS: tuple[Option, ...] = (
         "a busy port falls back to a free one.",
     ),
     Option(
+        "dashboard.auth",
+        "token",
+        _choice("token", "none"),
+        "Who may see the dashboard: token (the cluster's token, or with mutual TLS a"
+        " certificate signed by its CA, when the cluster has one) or none (anyone who"
+        " reaches it).",
+    ),
+    Option(
+        "dashboard.tls",
+        True,
+        _bool,
+        "Serve the dashboard over HTTPS with the scheduler's TLS certificate when it has one.",
+    ),
+    Option(
         "dashboard.interval",
         0.5,
         _float(0.05),

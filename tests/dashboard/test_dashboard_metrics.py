@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import json
 import logging
 import socket
@@ -26,8 +27,21 @@ def fail(x):
     raise ValueError(x)
 
 
-def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as r:
+def fetch(url: str, token: str | None = None) -> str:
+    """GET ``url`` as a program does: with a bearer token when given."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+        return r.read().decode()
+
+
+def browser() -> urllib.request.OpenerDirector:
+    """An opener that keeps cookies and follows redirects, as a browser does."""
+    cookies = urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+    return urllib.request.build_opener(cookies)
+
+
+def open_page(opener: urllib.request.OpenerDirector, url: str) -> str:
+    with opener.open(url, timeout=30) as r:
         return r.read().decode()
 
 
@@ -72,7 +86,7 @@ def test_metrics_in_prometheus_text(gpu_cluster):
         wait_ready(scheduler)
         time.sleep(1.2)  # a heartbeat with each worker's memory and resources
         scheduler.observer._sampled_at = -1e9  # a fresh sample now
-        text = fetch(cluster.dashboard_link.replace("/status", "/metrics"))
+        text = fetch(f"http://127.0.0.1:{cluster.dashboard_port}/metrics", cluster.token)
         del ok, bad
     values = samples(text)
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -110,22 +124,24 @@ def test_metrics_in_prometheus_text(gpu_cluster):
 def test_snapshot_api_and_pages(gpu_cluster):
     scheduler = gpu_cluster.scheduler
     link = gpu_cluster.dashboard_link
+    base = f"http://127.0.0.1:{gpu_cluster.dashboard_port}"
     with Client(gpu_cluster) as client:
         client.gather(client.map(inc, range(5)))
         wait_ready(scheduler)
         scheduler.observer._sampled_at = -1e9
-        data = json.loads(fetch(link.replace("/status", "/api/snapshot")))
+        data = json.loads(fetch(base + "/api/snapshot", gpu_cluster.token))
     snap = data["snapshot"]
     assert len(snap["workers"]) == 2
     assert {g["name"]: g["finished"] for g in snap["groups"]} == {"inc": 5}
     assert [e[1] for e in data["stream"]] == ["inc"] * 5
     _key, _group, worker, start, stop, erred = data["stream"][0]
     assert worker in scheduler.workers and stop >= start and erred is False
-    page = fetch(link)
+    viewer = browser()
+    page = open_page(viewer, link)  # the link's token becomes a cookie
     assert "<title>Corral dashboard</title>" in page and "/static/dashboard.js" in page
-    assert "corralDashboard" in fetch(link.replace("/status", "/static/dashboard.js"))
-    assert fetch(link.replace("/status", "/health")) == "ok"
-    assert fetch(link.replace("/status", "/")) == page  # redirected to /status
+    assert "corralDashboard" in open_page(viewer, base + "/static/dashboard.js")
+    assert fetch(base + "/health") == "ok"
+    assert open_page(viewer, base + "/") == page  # redirected to /status
 
 
 def test_viewers_share_samples_and_the_stream_is_bounded(monkeypatch):

@@ -14,6 +14,7 @@ from rich.console import Console
 
 import corral
 from corral import Client, LocalCluster, progress
+from corral.dashboard.links import without_token
 from corral.diagnostics.progress import ProgressBars
 
 pytestmark = pytest.mark.timeout(120)
@@ -126,7 +127,10 @@ def test_cluster_and_client_describe_themselves():
         text = repr(cluster)
         assert text.startswith(f"LocalCluster('{cluster.scheduler_address}', workers=2, threads=2")
         assert "memory=2 x 1.00 GiB" in text and "resources=[GPU=2; -]" in text
-        assert f"dashboard={cluster.dashboard_link}" in text
+        # Text may be logged: the link without its token; Jupyter's HTML: the working link.
+        assert "?token=" in cluster.dashboard_link
+        assert f"dashboard={without_token(cluster.dashboard_link)})" in text
+        assert "token=" not in text
         page = cluster._repr_html_()
         assert "<table>" in page and f"href='{cluster.dashboard_link}'" in page
         assert "GPU=2" in page and "1.00 GiB" in page
@@ -137,7 +141,8 @@ def test_cluster_and_client_describe_themselves():
             text = repr(client)
             assert text.startswith(f"<Client: {cluster.scheduler_address} status=running")
             assert "workers=2 threads=2 memory=2.00 GiB resources=GPU=2" in text
-            assert f"dashboard={cluster.dashboard_link}>" in text
+            assert f"dashboard={without_token(cluster.dashboard_link)}>" in text
+            assert "token=" not in text
             page = client._repr_html_()
             assert "gpu-box" in page and "GPU=2" in page and cluster.dashboard_link in page
         assert "status=closed" in repr(client)  # no question asked once closed

@@ -242,6 +242,7 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             conn.allow_thread_writes()  # user threads write submits themselves
         # The scheduler's services (its dashboard port): see dashboard_link.
         self._services: dict[str, Any] = dict((welcome.info or {}).get("services") or {})
+        self._dashboard: dict[str, Any] = dict((welcome.info or {}).get("dashboard") or {})
         conn.set_handler(self._on_messages)
         conn.on_close(self._on_scheduler_closed)
         self.status = "running"
@@ -331,17 +332,18 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
 
     @property
     def dashboard_link(self) -> str | None:
-        """``http://HOST:PORT/status``: the scheduler's dashboard (``None`` if it serves none)."""
+        """``http(s)://HOST:PORT/status[?token=...]``: the scheduler's dashboard (``None``
+        if it serves none); the token, when it asks for one, is derived from this client's."""
         link = getattr(self.cluster, "dashboard_link", None)
         if link:
             return str(link)
         port = getattr(self, "_services", {}).get("dashboard")
         if not port or not self._address:
             return None
-        from ..comm import format_address
+        from ..dashboard.links import advertised_link
 
         host = self._address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-        return f"{format_address(host, port, 'http')}/status"
+        return advertised_link(host, port, getattr(self, "_dashboard", {}), self.token)
 
     def _workers_for_repr(self) -> dict[str, Any] | None:
         """Workers as in ``scheduler_info()`` (asked quickly, synchronous clients only)."""
@@ -366,7 +368,9 @@ class Client(PluginMethods, EnvironmentMethods, ConsistencyMethods):
             if s["resources"]:
                 parts.append(f"resources={format_offer(s['resources'])}")
         if self.dashboard_link:
-            parts.append(f"dashboard={self.dashboard_link}")
+            from ..dashboard.links import without_token  # a repr may end up in a log
+
+            parts.append(f"dashboard={without_token(self.dashboard_link)}")
         return " ".join(parts) + ">"
 
     def _repr_html_(self) -> str:

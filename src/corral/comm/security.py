@@ -286,47 +286,77 @@ def is_loopback(host: str) -> bool:
         return False  # a host name, or "" (every interface)
 
 
+#: What a stranger who reaches each kind of port without passing a lock can do.
+_EXPOSURE_RISKS = {
+    "scheduler": (
+        "anyone who can reach this port can submit tasks, that is run arbitrary "
+        "code as this user on every worker (and on the scheduler)"
+    ),
+    "worker": "anyone who can reach this port can read every result this worker holds",
+    "dashboard": (
+        "anyone who can reach this port can watch the cluster: task keys, worker "
+        "addresses, events and metrics"
+    ),
+}
+_LOCK_ADVICE = (
+    "Give a token (--auth-token-file, $CORRAL_AUTH_TOKEN, --auth generate) and TLS with "
+    "client certificates (--tls-cert, --tls-key, --tls-ca-file), or listen on 127.0.0.1 "
+    "behind a firewall"
+)
+_DASHBOARD_LOCK_ADVICE = (
+    "Give the cluster a token (--auth-token-file, $CORRAL_AUTH_TOKEN, --auth generate) and "
+    "keep dashboard.auth: token, or listen on 127.0.0.1 (--dashboard-address 127.0.0.1:8787)"
+)
+_CLEARTEXT_RISKS = {
+    "dashboard": (
+        "the token keeps strangers out, but it crosses the network in clear text with "
+        "every request (link, cookie or Authorization header), and so does what the "
+        "dashboard shows; give the scheduler --tls-cert/--tls-key and keep dashboard.tls "
+        "on to serve HTTPS"
+    ),
+}
+_CLEARTEXT_RISK = (
+    "the token keeps strangers out, but data and tasks cross the network unencrypted and "
+    "can be read or altered on the way; give --tls-cert/--tls-key"
+)
+
+
 def exposure_warning(
     service: str, host: str, *, authenticated: bool, encrypted: bool
 ) -> str | None:
     """The warning to log when ``service`` listens on ``host`` without auth or TLS.
 
+    ``service``: ``"scheduler"``, ``"worker"`` or ``"dashboard"``.
     ``authenticated``: a token or client certificates (mutual TLS) are
-    required; ``encrypted``: the port speaks TLS.  ``None`` when the host is
-    loopback or both locks are on.
+    required; ``encrypted``: the port speaks TLS (HTTPS for the dashboard).
+    ``None`` when the host is loopback or both locks are on.
     """
     if is_loopback(host) or (authenticated and encrypted):
         return None
     if not authenticated:
-        if service == "scheduler":
-            risk = (
-                "anyone who can reach this port can submit tasks, that is run arbitrary "
-                "code as this user on every worker (and on the scheduler)"
-            )
-        else:
-            risk = "anyone who can reach this port can read every result this worker holds"
         locks = "NO authentication and NO encryption" if not encrypted else "NO authentication"
+        advice = _DASHBOARD_LOCK_ADVICE if service == "dashboard" else _LOCK_ADVICE
         return (
             f"SECURITY: the {service} listens on {host or 'every interface'} (not loopback) "
-            f"with {locks}: {risk}.  Give a token (--auth-token-file, $CORRAL_AUTH_TOKEN, "
-            "--auth generate) and TLS with client certificates (--tls-cert, --tls-key, "
-            "--tls-ca-file), or listen on 127.0.0.1 behind a firewall; see docs/security.md"
+            f"with {locks}: {_EXPOSURE_RISKS[service]}.  {advice}; see docs/security.md"
         )
     return (
-        f"SECURITY: the {service} listens on {host} (not loopback) without TLS: the token "
-        "keeps strangers out, but data and tasks cross the network unencrypted and can be "
-        "read or altered on the way; give --tls-cert/--tls-key; see docs/security.md"
+        f"SECURITY: the {service} listens on {host or 'every interface'} (not loopback) "
+        f"without TLS: {_CLEARTEXT_RISKS.get(service, _CLEARTEXT_RISK)}; see docs/security.md"
     )
+
+
+def log_exposure(service: str, host: str, *, authenticated: bool, encrypted: bool) -> None:
+    """Log :func:`exposure_warning` (loudly) if there is one."""
+    message = exposure_warning(service, host, authenticated=authenticated, encrypted=encrypted)
+    if message:
+        logger.warning(message)
 
 
 def warn_if_exposed(
     service: str, host: str, *, token: str | None, security: Security | None
 ) -> None:
-    """Log :func:`exposure_warning` (loudly) if there is one."""
+    """Log :func:`exposure_warning` for a cluster port (scheduler or worker) if there is one."""
     encrypted = security is not None and security.tls_cert is not None
     mutual = encrypted and security is not None and security.mutual
-    message = exposure_warning(
-        service, host, authenticated=bool(token) or mutual, encrypted=encrypted
-    )
-    if message:
-        logger.warning(message)
+    log_exposure(service, host, authenticated=bool(token) or mutual, encrypted=encrypted)

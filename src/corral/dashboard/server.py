@@ -9,7 +9,14 @@ Routes:
   viewer's previous frame;
 * ``/api/snapshot``: the same as one JSON document (for ``curl`` and tests);
 * ``/metrics``: Prometheus text (:mod:`corral.dashboard.metrics`);
-* ``/health``: ``ok``.
+* ``/health``: ``ok`` (open to anyone);
+* ``/login``: a form to paste the token into (when one is required).
+
+Who may see the rest, and whether it is served over HTTPS, is decided once
+(:mod:`corral.dashboard.access`: the cluster's token, or with mutual TLS a
+client certificate; HTTPS with the scheduler's certificate) and enforced by a
+middleware (:mod:`corral.dashboard.auth`).  Links come from
+:mod:`corral.dashboard.links`.
 
 The listening socket is bound synchronously when the scheduler starts (so
 its port is known at once: ``scheduler_info()["services"]["dashboard"]``);
@@ -30,6 +37,10 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
+from .. import config
+from .access import resolve_access
+from .links import dashboard_url, without_token
+
 if TYPE_CHECKING:
     from ..scheduler.observer import Observer
     from ..scheduler.server import Scheduler
@@ -45,7 +56,7 @@ def _import_web() -> Any:
     import prometheus_client  # noqa: F401
     from aiohttp import web
 
-    from . import metrics  # noqa: F401
+    from . import auth, metrics  # noqa: F401
 
     return web
 
@@ -101,15 +112,36 @@ class DashboardServer:
         dashboard = DashboardServer(scheduler, scheduler.observer, "127.0.0.1", 8787)
         port = dashboard.bind()
         await dashboard.start()
+        dashboard.link          # 'http://127.0.0.1:8787/status?token=...'
         ...
         await dashboard.close()
+
+    ``auth`` (``"token"`` or ``"none"``) and ``tls`` (serve HTTPS with the
+    scheduler's certificate) default to ``dashboard.auth`` and
+    ``dashboard.tls`` of the configuration; the token and the certificate
+    are the scheduler's (``scheduler.token``, ``scheduler.security``).
     """
 
-    def __init__(self, scheduler: Scheduler, observer: Observer, host: str, port: int) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        observer: Observer,
+        host: str,
+        port: int,
+        *,
+        auth: str | None = None,
+        tls: bool | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.observer = observer
         self.host = host
         self.port = port
+        self.access = resolve_access(
+            scheduler.token,
+            scheduler.security,
+            auth=config.get("dashboard.auth", auth),
+            tls=config.get("dashboard.tls", tls),
+        )
         self.sock: socket.socket | None = None
         self.ready = asyncio.Event()
         self._runner: Any = None
@@ -133,10 +165,24 @@ class DashboardServer:
         self.port = self.sock.getsockname()[1]
         return self.port
 
+    @property
+    def link(self) -> str:
+        """The address to open: ``http(s)://HOST:PORT/status``, carrying the token when
+        one is required (the dashboard trades it for a cookie)."""
+        host = self.host
+        if host in ("", "0.0.0.0", "::"):  # every interface: name this machine
+            host = socket.gethostname()
+        return dashboard_url(host, self.port, https=self.access.https, token=self.access.link_token)
+
+    def description(self) -> dict[str, Any]:
+        """What a client needs to build its link (``{"https": ..., "token": ...}``; no secret)."""
+        return self.access.description()
+
     async def start(self) -> None:
         """Start serving in the background (aiohttp is imported in a thread)."""
         if self.sock is None:
             self.bind()
+        self.access.warn_if_exposed(self.host)
         self._task = asyncio.ensure_future(self._serve())
 
     async def _serve(self) -> None:
@@ -147,6 +193,10 @@ class DashboardServer:
 
             self._registry = make_registry(self.observer)
             app = web.Application()
+            if self.access.protected:
+                from .auth import DashboardAuth
+
+                DashboardAuth(self.access, self.port).install(app)
             app.router.add_get("/", self._index)
             app.router.add_get("/status", self._index)
             app.router.add_get("/ws", self._ws)
@@ -160,9 +210,9 @@ class DashboardServer:
             if self._closed:
                 return
             assert self.sock is not None
-            await web.SockSite(runner, self.sock).start()
+            await web.SockSite(runner, self.sock, ssl_context=self.access.ssl_context).start()
             self.ready.set()
-            logger.info("dashboard at http://%s:%d/status", self.host, self.port)
+            logger.info("dashboard at %s", without_token(self.link))
         except asyncio.CancelledError:
             raise
         except Exception:

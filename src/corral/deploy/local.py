@@ -18,7 +18,6 @@ import psutil
 
 from .. import config
 from .._loop import LoopThread
-from ..comm import format_address
 from ..comm.handshake import connect_with_retry
 from ..comm.security import (
     TOKEN_ENV,
@@ -28,6 +27,7 @@ from ..comm.security import (
     generate_token,
     register_local_token,
 )
+from ..dashboard.links import advertised_link, without_token
 from ..nanny import Slot
 from ..protocol.messages import Reply, Request
 from ..resources import format_resources as _format_resources
@@ -149,6 +149,8 @@ class LocalCluster:
             raise ValueError(f"version_check must be one of {modes}, got {version_check!r}")
         self.version_check = version_check
         self.dashboard_port: int | None = None
+        # How the scheduler says to link to its dashboard ({"https": ..., "token": ...}).
+        self._dashboard_description: dict[str, Any] = {}
         self.scheduler_address = ""
         self.status = "created"
         self._tmpdir = tempfile.mkdtemp(prefix="corral-")
@@ -208,6 +210,8 @@ class LocalCluster:
             ).start()
             self.scheduler_address = self._scheduler.address
             self.dashboard_port = self._scheduler.services.get("dashboard")
+            if self._scheduler.dashboard is not None:
+                self._dashboard_description = self._scheduler.dashboard.description()
         register_local_token(self.scheduler_address, self.token)
         self.status = "running"
         if self.processes:
@@ -248,6 +252,7 @@ class LocalCluster:
             info = json.load(f)
         self.scheduler_address = info["address"]
         self.dashboard_port = info.get("services", {}).get("dashboard")
+        self._dashboard_description = info.get("dashboard", {})
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -453,13 +458,14 @@ class LocalCluster:
 
     @property
     def dashboard_link(self) -> str | None:
-        """``http://HOST:PORT/status`` of the scheduler's dashboard (``None``: no dashboard)."""
+        """``http(s)://HOST:PORT/status[?token=...]`` of the scheduler's dashboard (``None``:
+        no dashboard); it carries the token (derived from the cluster's) when one is needed."""
         if not self.dashboard_port or not self.scheduler_address:
             return None
         host = self.scheduler_address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
         if host in ("", "0.0.0.0", "::"):
             host = "127.0.0.1"
-        return f"{format_address(host, self.dashboard_port, 'http')}/status"
+        return advertised_link(host, self.dashboard_port, self._dashboard_description, self.token)
 
     def _worker_specs(self) -> dict[str, dict[str, Any]]:
         """What this cluster asked of each worker (no question to the scheduler)."""
@@ -492,8 +498,8 @@ class LocalCluster:
         elif self.resources:
             parts.append(f"resources={format_offer(self.resources)} each")
         parts.append(kind)
-        if self.dashboard_link:
-            parts.append(f"dashboard={self.dashboard_link}")
+        if self.dashboard_link:  # a repr may end up in a log: no token in it
+            parts.append(f"dashboard={without_token(self.dashboard_link)}")
         return f"LocalCluster({', '.join(parts)})"
 
     def _repr_html_(self) -> str:

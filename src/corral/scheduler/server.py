@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -105,6 +104,8 @@ class Scheduler:
         token_in_scheduler_file: bool = False,
         version_check: str = "warn",
         dashboard_address: str | bool | None = None,
+        dashboard_auth: str | None = None,
+        dashboard_tls: bool | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -147,6 +148,8 @@ class Scheduler:
         # message counts, loop lag, shared samples: corral.scheduler.observer).
         # dashboard_address: "[HOST]:PORT"; None: the configuration's; False or "": none.
         self._dashboard_address = dashboard_address
+        # "token"/"none", serve HTTPS with our certificate; None: the configuration's.
+        self._dashboard_access: dict[str, Any] = {"auth": dashboard_auth, "tls": dashboard_tls}
         self.observer = Observer(self)
         self.dashboard: Any = None
         self.services: dict[str, int] = {}  # name -> port (scheduler_info()["services"])
@@ -180,8 +183,7 @@ class Scheduler:
             info: dict[str, Any] = {"address": self.address, "id": self.id, "pid": os.getpid()}
             if self.token and self.token_in_scheduler_file:
                 info["token"] = self.token
-            if self.services:
-                info["services"] = dict(self.services)
+            info.update(self._welcome_info() or {})
             write_scheduler_file(self.scheduler_file, info)  # owner-only (0600)
         logger.info("scheduler at %s", self.address)
         return self
@@ -218,17 +220,10 @@ class Scheduler:
         from ..dashboard.server import DashboardServer
 
         host, port = config.parse_address(str(address), self.host)
-        self.dashboard = DashboardServer(self, self.observer, host, port)
+        self.dashboard = DashboardServer(self, self.observer, host, port, **self._dashboard_access)
         self.services["dashboard"] = self.dashboard.bind()
-        await self.dashboard.start()
+        await self.dashboard.start()  # warns if it is exposed without token or HTTPS
         self._lag_monitor = asyncio.ensure_future(self.observer.monitor_lag())
-        if host not in ("127.0.0.1", "localhost", "::1") and (self.token or self.security):
-            logger.warning(
-                "the dashboard on %s:%d is read-only and not authenticated: it shows task "
-                "keys, worker addresses and events to anyone who can reach it",
-                host,
-                self.services["dashboard"],
-            )
 
     async def _stop_dashboard(self) -> None:
         if self._lag_monitor is not None:
@@ -238,14 +233,18 @@ class Scheduler:
 
     @property
     def dashboard_link(self) -> str | None:
-        """``http://HOST:PORT/status`` when a dashboard is served, else ``None``."""
-        port = self.services.get("dashboard")
-        if port is None or self.dashboard is None:
+        """``http(s)://HOST:PORT/status[?token=...]`` when a dashboard is served, else ``None``."""
+        served = self.dashboard is not None and "dashboard" in self.services
+        return self.dashboard.link if served else None
+
+    def _welcome_info(self) -> dict[str, Any] | None:
+        """What connectors learn: service ports, and how to link to the dashboard."""
+        if not self.services:
             return None
-        host = self.dashboard.host
-        if host in ("", "0.0.0.0", "::"):  # every interface: name this machine
-            host = socket.gethostname()
-        return f"{format_address(host, port, 'http')}/status"
+        info: dict[str, Any] = {"services": dict(self.services)}
+        if self.dashboard is not None:
+            info["dashboard"] = self.dashboard.description()  # no secret in it
+        return info
 
     # -- plugins and events (corral.scheduler.plugin_host) ---------------------------
     @property
@@ -286,7 +285,7 @@ class Scheduler:
                 token=self.token,
                 allowed_roles=("client", "worker"),
                 check=self._consistency.check_handshake,
-                info={"services": dict(self.services)} if self.services else None,
+                info=self._welcome_info(),
             )
         except Exception:
             return
