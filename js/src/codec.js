@@ -129,6 +129,14 @@ export function decodePayload(payload) {
   }
 }
 
+/** The type name of a value as the JavaScript side reports it (task_finished.typename, scatter keys). */
+export function typeName(v) {
+  if (v === null || v === undefined) return "null";
+  if (Array.isArray(v)) return "Array";
+  if (typeof v === "object") return v.constructor?.name ?? "Object";
+  return typeof v;
+}
+
 /** Total size in bytes of a payload's frames. */
 export function payloadBytes(payload) {
   let n = 0;

@@ -1,8 +1,9 @@
-// Connections: a TCP stream of messages, the opening handshake with HMAC auth
-// (docs/protocol.md sections 1, 5 and 9).
+// Connections: a TCP (or TLS) stream of messages, the opening handshake with
+// HMAC auth (docs/protocol.md sections 1, 5 and 9).
 
 import crypto from "node:crypto";
 import net from "node:net";
+import tls from "node:tls";
 
 import { ProtocolError, decodeMessage, encodeMessage } from "./codec.js";
 import {
@@ -34,17 +35,27 @@ export class HandshakeError extends Error {
   }
 }
 
-/** `tcp://host:port` -> {host, port}; IPv6 hosts in brackets. */
+/**
+ * `tcp://host:port` or `tls://host:port` -> {scheme, host, port}; IPv6 hosts in brackets.
+ * @param {string} address
+ * @returns {{scheme: "tcp" | "tls", host: string, port: number}}
+ */
 export function parseAddress(address) {
-  const m = /^tcp:\/\/(\[[^\]]+\]|[^:/]+):(\d+)\/?$/.exec(address);
-  if (!m) throw new Error(`not a tcp://HOST:PORT address: ${JSON.stringify(address)}`);
-  let host = m[1];
+  const m = /^(tcp|tls):\/\/(\[[^\]]+\]|[^:/]+):(\d+)\/?$/.exec(address);
+  if (!m) throw new Error(`not a tcp://HOST:PORT or tls://HOST:PORT address: ${JSON.stringify(address)}`);
+  let host = m[2];
   if (host.startsWith("[")) host = host.slice(1, -1);
-  return { host, port: Number(m[2]) };
+  return { scheme: m[1], host, port: Number(m[3]) };
 }
 
-export function formatAddress(host, port) {
-  return host.includes(":") ? `tcp://[${host}]:${port}` : `tcp://${host}:${port}`;
+/**
+ * The address of `host:port`: `tcp://host:port` (IPv6 hosts in brackets).
+ * @param {string} host
+ * @param {number} port
+ * @param {"tcp" | "tls"} [scheme]
+ */
+export function formatAddress(host, port, scheme = "tcp") {
+  return host.includes(":") ? `${scheme}://[${host}]:${port}` : `${scheme}://${host}:${port}`;
 }
 
 /** HMAC-SHA256(key = token's UTF-8 bytes, message = challenge). */
@@ -207,10 +218,20 @@ export class Connection {
   }
 }
 
-function openSocket(address, timeoutSeconds) {
-  const { host, port } = parseAddress(address);
+/**
+ * A TCP socket to `address`, or a TLS one for tls:// (the TLS handshake done):
+ * network errors reject as they are (worth retrying), a failed TLS handshake
+ * (certificates) with a HandshakeError (retrying will not help).
+ */
+function openSocket(address, timeoutSeconds, tlsSettings) {
+  const { scheme, host, port } = parseAddress(address);
+  if (scheme === "tls" && !tlsSettings) {
+    throw new HandshakeError(`${address} is a TLS address: give TLS settings (tls: {caFile, certFile, keyFile}, or --tls-ca-file)`);
+  }
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host, port });
+    const secure = scheme === "tls";
+    const socket = secure ? tls.connect({ ...tlsSettings.clientOptions(host), port }) : net.connect({ host, port });
+    let reachable = false; // the TCP connection is up: what fails now is TLS
     const timer = setTimeout(() => {
       socket.destroy();
       const err = new Error(`could not connect to ${address} within ${timeoutSeconds}s`);
@@ -218,26 +239,74 @@ function openSocket(address, timeoutSeconds) {
       reject(err);
     }, timeoutSeconds * 1000);
     socket.once("connect", () => {
+      reachable = true;
+      if (secure) return;
+      clearTimeout(timer);
+      socket.removeAllListeners("error");
+      resolve(socket);
+    });
+    socket.once("secureConnect", () => {
       clearTimeout(timer);
       socket.removeAllListeners("error");
       resolve(socket);
     });
     socket.once("error", (err) => {
       clearTimeout(timer);
-      reject(err);
+      socket.destroy();
+      if (secure && reachable) reject(new HandshakeError(`TLS handshake with ${address} failed: ${err.message}`));
+      else reject(err);
     });
   });
 }
 
 /**
+ * A listening server handing each connected socket to `onSocket`: TLS only when
+ * `tlsSettings` has a certificate (a plain-TCP connector then gets nothing in
+ * clear text and is dropped when the TLS handshake fails), plain TCP otherwise.
+ * @param {import("./tls.js").TlsSettings | null} tlsSettings
+ * @param {(socket: net.Socket) => void} onSocket
+ * @param {(err: Error, socket: net.Socket) => void} [onTlsError]  a connector failed the TLS handshake
+ * @returns {net.Server}
+ */
+export function createServer(tlsSettings, onSocket, onTlsError = () => {}) {
+  if (!tlsSettings?.canServe) return net.createServer(onSocket);
+  const server = tls.createServer(tlsSettings.serverOptions(), onSocket);
+  server.on("tlsClientError", onTlsError);
+  return server;
+}
+
+/**
  * Open a connection and run the connector side of the handshake.
+ * @param {string} address  tcp://host:port, or tls://host:port (needs `tls`)
+ * @param {object} options
+ * @param {string} options.role  "client", "worker" or "peer"
+ * @param {string} options.id
+ * @param {string} [options.name]
+ * @param {string | null} [options.token]  answers the server's challenge
+ * @param {object} [options.versions]
+ * @param {import("./tls.js").TlsSettings | null} [options.tls]  for tls:// addresses
+ * @param {number} [options.timeout]  seconds for the connection and each handshake step
  * @returns {Promise<{conn: Connection, welcome: object}>}
  */
-export async function connect(address, { role, id, name, token, versions, timeout = HANDSHAKE_TIMEOUT }) {
-  const socket = await openSocket(address, timeout);
+export async function connect(address, { role, id, name, token, versions, tls: tlsSettings = null, timeout = HANDSHAKE_TIMEOUT }) {
+  const socket = await openSocket(address, timeout, tlsSettings);
   const conn = new Connection(socket);
   try {
-    const hello = await conn.recv(timeout);
+    let hello;
+    try {
+      hello = await conn.recv(timeout);
+    } catch (err) {
+      if (err instanceof CommClosedError && address.startsWith("tls://")) {
+        // TLS 1.3: the server checks our certificate after our side of the TLS
+        // handshake finished; its refusal is the connection closing before it
+        // says hello.  Retrying would not help.
+        throw new HandshakeError(
+          `${address} refused the TLS connection (${conn.closeReason}): does it accept this side's certificate ` +
+            "(mutual TLS needs certFile/keyFile signed by its CA)?",
+        );
+      }
+      throw err;
+    }
     if (hello.op !== "hello") throw new ProtocolError(`expected hello from ${address}, got ${JSON.stringify(hello.op)}`);
     if (hello.protocol !== PROTOCOL_VERSION) {
       throw new HandshakeError(`${address} speaks protocol ${hello.protocol}, this side ${PROTOCOL_VERSION}`);

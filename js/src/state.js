@@ -13,7 +13,9 @@
 //
 // A task freed while it runs becomes `cancelled` and its result is dropped.
 // Resources are taken when a task starts executing (not while its inputs are
-// fetched) and given back when it ends, however it ends.
+// fetched) and given back when it ends, however it ends.  Of an indexed
+// resource ("GPU=[0,1]") a task is given indices (`WTask.held`), and the
+// `execute` instruction says which: the IO layer shows them to the task.
 //
 // Every value has a version (`WTask.version`): 0 for a key's computed value,
 // the scheduler's number for each scattered one (docs/protocol.md, "Value
@@ -33,12 +35,13 @@
 // (`versions`: {key: version} as the message said, the peer's data.versions for
 // a gather; a key not listed is at 0, or for a gather at the version asked for.)
 // Instructions:
-//   {type: "execute", key, spec}
+//   {type: "execute", key, spec, resources}  (resources: what the task holds,
+//                                   {GPU: [1], MEM: 5}: indices of indexed ones)
 //   {type: "gather", peer, keys}
 //   {type: "send", msg}            (an op map for the scheduler)
 //   {type: "release-data", keys}
 
-import { ResourcePool } from "./resources.js";
+import { ResourcePool, taskResources } from "./resources.js";
 
 /** Most peers fetched from at once, and most bytes asked of one peer at once. */
 export const MAX_GATHERS = 8;
@@ -148,6 +151,9 @@ export class WTask {
     this.nbytes = 0;
     this.priority = [];
     this.resources = null;
+    // While it executes holding resources: the indices it was given (ResourcePool.acquire).
+    this.held = null;
+    this.holds = false;
     // The version of the value held (memory), or of the value local tasks want
     // (fetch, flight, missing, cancelled): 0 is the key's computed value, any
     // other number one scattered value (add_keys.versions).
@@ -471,8 +477,9 @@ export class WorkerState {
   #finishExecuting(ts) {
     this.executing.delete(ts);
     if (ts.resources && ts.holds) {
-      this.resourcePool.release(ts.resources);
+      this.resourcePool.release(ts.resources, ts.held);
       ts.holds = false;
+      ts.held = null;
     }
   }
 
@@ -683,12 +690,12 @@ export class WorkerState {
       const ts = this.#nextRunnable();
       if (!ts) return;
       if (ts.resources) {
-        this.resourcePool.acquire(ts.resources);
+        ts.held = this.resourcePool.acquire(ts.resources);
         ts.holds = true;
       }
       this.#move(ts, "executing");
       this.executing.add(ts);
-      this.out.push({ type: "execute", key: ts.key, spec: ts.spec });
+      this.out.push({ type: "execute", key: ts.key, spec: ts.spec, resources: taskResources(ts.holds ? ts.resources : null, ts.held) });
     }
   }
 
@@ -750,19 +757,15 @@ export class WorkerState {
   // -- invariants -----------------------------------------------------------------------
   /** Throw if an invariant is broken (tests call it after every event). */
   validate() {
-    const used = {};
+    const held = [];
     for (const ts of this.executing) {
       // memory: data was stored for it while it ran; forgotten: then freed
       if (!["executing", "cancelled", "memory", "forgotten"].includes(ts.state)) throw new Error(`executing set holds ${ts.key} in ${ts.state}`);
-      if (ts.holds) for (const [n, a] of Object.entries(ts.resources)) used[n] = (used[n] ?? 0) + a;
+      if (ts.holds) held.push([ts.resources, ts.held]);
     }
     if (this.executing.size > this.nthreads) throw new Error(`${this.executing.size} tasks executing, nthreads ${this.nthreads}`);
-    for (const [name, u] of Object.entries(used)) {
-      if (Math.abs((this.resourcePool.used[name] ?? 0) - u) > 1e-6) throw new Error(`resource ${name}: pool says ${this.resourcePool.used[name]}, tasks hold ${u}`);
-    }
-    for (const [name, u] of Object.entries(this.resourcePool.used)) {
-      if (Math.abs((used[name] ?? 0) - u) > 1e-6) throw new Error(`resource ${name} used ${u} but no task holds it`);
-    }
+    // Amounts and indices: what the books say is used is what running tasks hold, never beyond the offer.
+    this.resourcePool.validate(held);
     for (const ts of this.tasks.values()) {
       if (ts.state === "waiting") {
         if (!ts.waitingFor.size) throw new Error(`${ts.key} waiting for nothing`);

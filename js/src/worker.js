@@ -5,14 +5,17 @@
 // (no thread pool): `nthreads` is how many may be in progress at once.
 
 import dgram from "node:dgram";
-import net from "node:net";
 import crypto from "node:crypto";
 
-import { ProtocolError, REF_KEY, SerializationError, decodePayload, msgpackPayload, payloadBytes } from "./codec.js";
-import { CommClosedError, Connection, HandshakeError, accept, connect, formatAddress, parseAddress } from "./comm.js";
+import { ProtocolError, REF_KEY, SerializationError, decodePayload, msgpackPayload, payloadBytes, typeName } from "./codec.js";
+import { CommClosedError, Connection, HandshakeError, accept, connect, createServer, formatAddress, parseAddress } from "./comm.js";
 import { FunctionRegistry } from "./registry.js";
-import { resourceAmounts } from "./resources.js";
+import { resourceAmounts, validateOffer } from "./resources.js";
 import { WorkerState } from "./state.js";
+import { runAsTask } from "./task-context.js";
+import { TlsSettings } from "./tls.js";
+
+export { typeName };
 
 export const RUNTIME = "js";
 export const HEARTBEAT_INTERVAL = 1.0;
@@ -36,14 +39,6 @@ function safeString(v) {
   } catch {
     return String(v);
   }
-}
-
-/** The type name reported with task_finished. */
-export function typeName(v) {
-  if (v === null || v === undefined) return "null";
-  if (Array.isArray(v)) return "Array";
-  if (typeof v === "object") return v.constructor?.name ?? "Object";
-  return typeof v;
 }
 
 /** Replace every {"__corral_ref__": key} in `value` by `lookup(key)`. */
@@ -121,11 +116,14 @@ export class Worker {
   static quiet = false;
 
   /**
-   * @param {string} schedulerAddress  tcp://host:port
+   * @param {string} schedulerAddress  tcp://host:port, or tls://host:port (needs options.tls)
    * @param {object} [options]
    * @param {number} [options.nthreads]   tasks in progress at once (default 1)
    * @param {string} [options.name]
-   * @param {object} [options.resources]  {GPU: 1}
+   * @param {object} [options.resources]  {GPU: 1}, or indexed: {GPU: [0, 1]} (each task is told its indices)
+   * @param {TlsSettings | {caFile?: string, certFile?: string, keyFile?: string}} [options.tls]
+   *   TLS settings: with a certificate the peer port listens tls:// only (and
+   *   with a CA requires client certificates); used for tls:// connections too
    * @param {string} [options.host]       interface of the peer port
    * @param {number} [options.port]       peer port (0: any)
    * @param {string} [options.token]      auth token (default $CORRAL_AUTH_TOKEN)
@@ -137,7 +135,8 @@ export class Worker {
     this.schedulerAddress = schedulerAddress;
     this.nthreads = options.nthreads ?? 1;
     this.name = options.name ?? null;
-    this.resources = { ...(options.resources ?? {}) };
+    this.resources = validateOffer(options.resources ?? {}, "resources");
+    this.tls = TlsSettings.from(options.tls);
     this.host = options.host ?? null;
     this.port = options.port ?? 0;
     this.token = options.token ?? (process.env.CORRAL_AUTH_TOKEN || null);
@@ -170,14 +169,19 @@ export class Worker {
   async start() {
     const { host: schedHost } = parseAddress(this.schedulerAddress);
     const listenHost = this.host ?? (isLoopback(schedHost) ? "127.0.0.1" : "0.0.0.0");
-    this.server = net.createServer((socket) => this.#servePeer(socket));
+    this.server = createServer(
+      this.tls,
+      (socket) => this.#servePeer(socket),
+      (err, socket) => log("INFO", `a connector failed the TLS handshake (${socket?.remoteAddress ?? "?"}): ${err.message}`),
+    );
     await new Promise((resolve, reject) => {
       this.server.once("error", reject);
       this.server.listen(this.port, listenHost, resolve);
     });
     const port = this.server.address().port;
     const advertised = listenHost === "0.0.0.0" || listenHost === "::" ? await outboundIp(schedHost) : listenHost;
-    this.address = formatAddress(advertised, port);
+    // A TLS peer port is advertised as tls://: peers and clients then connect with TLS.
+    this.address = formatAddress(advertised, port, this.tls?.canServe ? "tls" : "tcp");
     this.name ??= this.address;
     this.status = "connecting";
     try {
@@ -197,7 +201,7 @@ export class Worker {
     let conn;
     for (;;) {
       try {
-        ({ conn } = await connect(this.schedulerAddress, { role: "worker", id: this.id, name: this.name, token: this.token }));
+        ({ conn } = await connect(this.schedulerAddress, { role: "worker", id: this.id, name: this.name, token: this.token, tls: this.tls }));
         break;
       } catch (err) {
         if (err instanceof HandshakeError || err instanceof ProtocolError || this.status !== "connecting") throw err;
@@ -373,7 +377,7 @@ export class Worker {
     for (const inst of instructions) {
       switch (inst.type) {
         case "execute":
-          this.#execute(inst.spec, this.generation);
+          this.#execute(inst.spec, inst.resources, this.generation);
           break;
         case "send":
           if (inst.msg.op === "task_finished" && this.watchers?.size) pushes.push(...this.#pushesFor(inst.msg));
@@ -448,7 +452,8 @@ export class Worker {
     return state === "flight" || state === "fetch" || state === "missing";
   }
 
-  async #execute(spec, generation) {
+  /** Run one task; `resources` is what it holds (indices of indexed ones), shown to it by getTaskResources(). */
+  async #execute(spec, resources, generation) {
     const inputs = this.#inputs(spec);
     // Start after the current batch of instructions is carried out, and let IO in between tasks.
     await new Promise((r) => setImmediate(r));
@@ -466,7 +471,7 @@ export class Worker {
       const lookup = (key) => decodedValue(key, inputs.get(key));
       const args = substituteRefs(decoded[0], lookup);
       const kwargs = decoded.length === 2 && decoded[1] ? substituteRefs(decoded[1], lookup) : {};
-      let result = Object.keys(kwargs).length ? fn(...args, kwargs) : fn(...args);
+      let result = runAsTask({ key: spec.key, resources }, () => (Object.keys(kwargs).length ? fn(...args, kwargs) : fn(...args)));
       if (result !== null && typeof result === "object" && typeof result.then === "function") result = await result;
       const payload = msgpackPayload(result === undefined ? null : result);
       const stop = Date.now() / 1000;
@@ -494,7 +499,7 @@ export class Worker {
   async #peer(address) {
     let conn = this.peers.get(address);
     if (!conn || conn.closed) {
-      ({ conn } = await connect(address, { role: "peer", id: this.id, token: this.token }));
+      ({ conn } = await connect(address, { role: "peer", id: this.id, token: this.token, tls: this.tls }));
       this.peers.set(address, conn);
     }
     return conn;

@@ -89,8 +89,11 @@ test("HMAC example of the handshake section", () => {
 });
 
 test("addresses", () => {
-  assert.deepEqual(parseAddress("tcp://127.0.0.1:8786"), { host: "127.0.0.1", port: 8786 });
-  assert.deepEqual(parseAddress("tcp://[::1]:8786"), { host: "::1", port: 8786 });
+  assert.deepEqual(parseAddress("tcp://127.0.0.1:8786"), { scheme: "tcp", host: "127.0.0.1", port: 8786 });
+  assert.deepEqual(parseAddress("tcp://[::1]:8786"), { scheme: "tcp", host: "::1", port: 8786 });
+  assert.deepEqual(parseAddress("tls://node-1:40123"), { scheme: "tls", host: "node-1", port: 40123 });
   assert.equal(formatAddress("::1", 1), "tcp://[::1]:1");
-  assert.throws(() => parseAddress("127.0.0.1:8786"));
+  assert.equal(formatAddress("10.0.0.5", 2, "tls"), "tls://10.0.0.5:2");
+  assert.throws(() => parseAddress("127.0.0.1:8786"), /not a tcp:\/\/HOST:PORT or tls:\/\/HOST:PORT address/);
+  assert.throws(() => parseAddress("udp://127.0.0.1:8786"));
 });

@@ -56,7 +56,7 @@ const free = (...keys) => ({ type: "free", keys });
 const release = (...keys) => ({ type: "release-data", keys });
 const addKeys = (nbytes, versions = {}) => send({ op: "add_keys", nbytes, versions });
 const missingData = (key, holder = "") => send({ op: "missing_data", key, holder });
-const execute = (spec) => ({ type: "execute", key: spec.key, spec });
+const execute = (spec, resources = {}) => ({ type: "execute", key: spec.key, spec, resources });
 const gather = (peer, keys) => ({ type: "gather", peer, keys });
 const send = (msg) => ({ type: "send", msg });
 const done = (key, runId = 1, nbytes = 8) =>
@@ -129,6 +129,96 @@ test("set_resources: running tasks keep what they hold, nothing new starts until
   assert.deepEqual(executes(w.on({ type: "set-resources", resources: { GPU: 1 } })), []);
   assert.deepEqual(executes(w.on(ok("a"))), []);
   assert.deepEqual(executes(w.on(ok("b"))), ["c"]);
+});
+
+/** key -> the resources its execute instruction says it holds. */
+const held = (out) => Object.fromEntries(out.filter((i) => i.type === "execute").map((i) => [i.key, i.resources]));
+
+test("indexed resources: each running task is told its own indices, never more than offered", () => {
+  const w = new W(4, { GPU: [0, 1] });
+  const out = w.on(compute(...[0, 1, 2].map((i) => ctask(`t${i}`, { resources: { GPU: 1 } }))));
+  assert.deepEqual(held(out), { t0: { GPU: [0] }, t1: { GPU: [1] } });
+  assert.equal(w.states().t2, "constrained");
+  // The index t1 gave back goes to the next task.
+  assert.deepEqual(held(w.on(ok("t1"))), { t2: { GPU: [1] } });
+  // A task demanding nothing holds nothing; an amount resource is shown as the amount.
+  const w2 = new W(2, { GPU: [3], MEM: 10 });
+  assert.deepEqual(held(w2.on(compute(ctask("plain"), ctask("both", { resources: { GPU: 1, MEM: 4 } })))), {
+    plain: {},
+    both: { GPU: [3], MEM: 4 },
+  });
+});
+
+test("indexed resources: fractions share an index up to 1, whole demands hold theirs alone", () => {
+  const w = new W(8, { GPU: [0, 1] });
+  const halves = [0, 1, 2].map((i) => ctask(`h${i}`, { resources: { GPU: 0.5 } }));
+  assert.deepEqual(held(w.on(compute(...halves))), { h0: { GPU: [0] }, h1: { GPU: [0] }, h2: { GPU: [1] } });
+  // 0.5 of GPU 1 is free, but no whole GPU: a whole demand waits, a 0.5 fits.
+  assert.deepEqual(held(w.on(compute(ctask("whole", { resources: { GPU: 1 } }), ctask("h3", { resources: { GPU: 0.5 } })))), {
+    h3: { GPU: [1] },
+  });
+  assert.equal(w.states().whole, "constrained");
+  w.on(ok("h0"));
+  assert.deepEqual(held(w.on(ok("h1"))), { whole: { GPU: [0] } });
+  // 1.5 takes one index alone and half of another.
+  const w2 = new W(4, { GPU: [0, 1, 2] });
+  assert.deepEqual(held(w2.on(compute(ctask("m", { resources: { GPU: 1.5 } }), ctask("q", { resources: { GPU: 0.5 } })))), {
+    m: { GPU: [0, 1] },
+    q: { GPU: [1] },
+  });
+});
+
+test("indexed resources come back after an error and a cancel; shrinking never stops running tasks", () => {
+  const w = new W(4, { GPU: [0, 1] });
+  w.on(compute(ctask("a", { resources: { GPU: 1 } }), ctask("b", { resources: { GPU: 1 } })));
+  w.on(failed("a"));
+  w.on(free("b")); // cancelled while running: still holds GPU 1
+  assert.deepEqual(held(w.on(compute(ctask("c", { resources: { GPU: 2 } })))), {});
+  assert.deepEqual(held(w.on(ok("b"))), { c: { GPU: [0, 1] } });
+  // Offer one GPU while c holds two: c goes on, nothing else starts.
+  w.on({ type: "set-resources", resources: { GPU: [1] } });
+  assert.deepEqual(held(w.on(compute(ctask("d", { resources: { GPU: 1 } })))), {});
+  assert.deepEqual(held(w.on(ok("c"))), { d: { GPU: [1] } });
+  assert.deepEqual([...w.state.resourcePool.usage.GPU.keys()], [1]); // index 0 is gone once free
+});
+
+test("randomized: running tasks' indices are never shared beyond one whole index", () => {
+  for (let seed = 1; seed <= 30; seed++) {
+    const r = rng(seed);
+    const pick = (xs) => xs[Math.floor(r() * xs.length)];
+    const w = new W(2 + Math.floor(r() * 4), { GPU: [0, 1, 2], MEM: 10 });
+    /** key -> [demand of GPU, indices it was told] */
+    const running = new Map();
+    let n = 0;
+    for (let step = 0; step < 200; step++) {
+      const roll = r();
+      let out;
+      if (roll < 0.45) {
+        const demand = r() < 0.8 ? { GPU: pick([0.25, 0.5, 0.6, 1, 1.5, 2]) } : { MEM: pick([3, 6]) };
+        out = w.on(compute(ctask(`t${n++}`, { resources: demand, priority: [Math.floor(r() * 3)] })));
+      } else if (roll < 0.85 && running.size) {
+        const key = pick([...running.keys()]);
+        running.delete(key);
+        out = w.on(r() < 0.8 ? ok(key) : failed(key));
+      } else if (roll < 0.93) {
+        out = w.on({ type: "set-resources", resources: { GPU: pick([[0, 1, 2], [1, 2], [0, 4], [2]]) } });
+      } else {
+        const key = `t${Math.floor(r() * n)}`;
+        out = w.on(free(key)); // a running one is cancelled: it still holds its share until it ends
+      }
+      for (const inst of out) {
+        if (inst.type === "execute") running.set(inst.key, [inst.spec.resources.GPU ?? 0, inst.resources.GPU ?? []]);
+      }
+      // Shares per index, from what the tasks were told (whole indices first, then the fraction's).
+      const shares = new Map();
+      for (const [key, [demand, indices]] of running) {
+        const whole = Math.floor(demand + 1e-9);
+        assert.equal(indices.length, whole + (demand - whole > 1e-9 ? 1 : 0), `seed ${seed}: ${key} told ${indices} for ${demand}`);
+        indices.forEach((index, i) => shares.set(index, (shares.get(index) ?? 0) + (i < whole ? 1 : demand - whole)));
+      }
+      for (const [index, share] of shares) assert.ok(share <= 1 + 1e-9, `seed ${seed}: GPU ${index} held ${share} times`);
+    }
+  }
 });
 
 test("inputs are fetched, several keys per peer in one gather, then the task runs", () => {
@@ -243,7 +333,7 @@ test("data stored over a running task keeps the data and frees the slot", () => 
   assert.equal(w.state.executing.size, 0);
   assert.equal(w.state.availableResources.GPU, 1);
   const h = ctask("h", { resources: { GPU: 1 } });
-  assert.deepEqual(w.on(compute(h)), [execute(h)]);
+  assert.deepEqual(w.on(compute(h)), [execute(h, { GPU: 1 })]);
 });
 
 test("data stored over a running task, then freed, still frees the slot", () => {
