@@ -220,8 +220,7 @@ def main() -> None:
 @click.option(
     "--dashboard-tls/--no-dashboard-tls",
     default=None,
-    help="Serve the dashboard over HTTPS with --tls-cert when given [config dashboard.tls: "
-    "true].",
+    help="Serve the dashboard over HTTPS with --tls-cert when given [config dashboard.tls: true].",
 )
 @click.option("--scheduler-file", default=None, help="Write the address here as JSON.")
 @click.option(

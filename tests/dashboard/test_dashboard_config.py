@@ -51,6 +51,7 @@ def test_defaults_without_a_file():
     assert not cfg.found and cfg.path.endswith(os.path.join("corral", "corral.yaml"))
     assert cfg["scheduler.port"] == 8786
     assert cfg["dashboard.address"] == ":8787"
+    assert cfg["dashboard.auth"] == "token" and cfg["dashboard.tls"] is True
     assert cfg["worker.nthreads"] is None and cfg["worker.memory-limit"] == "auto"
     assert cfg.source("scheduler.port") == "default"
     assert set(cfg.values) == {o.key for o in config.OPTIONS}
@@ -119,6 +120,8 @@ worker:
         ("worker:\n  nthreads: 0\n", "worker.nthreads: expected an integer at least 1"),
         ("dashboard:\n  enabled: maybe\n", "dashboard.enabled: expected true or false"),
         ("dashboard:\n  address: nowhere\n", "dashboard.address: expected [HOST]:PORT"),
+        ("dashboard:\n  auth: password\n", "dashboard.auth: expected one of token, none"),
+        ("dashboard:\n  tls: sometimes\n", "dashboard.tls: expected true or false"),
         ("scheduler:\n  version-check: loud\n", "scheduler.version-check: expected one of warn"),
         ("logging:\n  level: CHATTY\n", "logging.level: expected a log level"),
         ("worker: 3\n", "worker: expected a section"),
