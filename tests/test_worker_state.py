@@ -47,9 +47,15 @@ P2 = "tcp://10.0.1.2:7001"
 P3 = "tcp://10.0.1.3:7001"
 
 
-def ok(key: str, run_id: int = 1, nbytes: int = 8) -> ExecuteSuccess:
+def ok(key: str, run_id: int = 1, nbytes: int = 8, reported: bool = False) -> ExecuteSuccess:
     return ExecuteSuccess(
-        key=key, run_id=run_id, nbytes=nbytes, typename="int", start=1.0, stop=2.0
+        key=key,
+        run_id=run_id,
+        nbytes=nbytes,
+        typename="int",
+        start=1.0,
+        stop=2.0,
+        reported=reported,
     )
 
 
@@ -84,6 +90,31 @@ def test_task_without_inputs_runs_and_reports():
     ]
     # The scheduler frees it: the data goes.
     assert w(FreeEvent(["a"])) == [ReleaseData(["a"])]
+    assert w.states() == {}
+
+
+def test_a_result_its_thread_reported_is_not_reported_again():
+    w = Worker(nthreads=1, prefetch=0)
+    a, b = ctask("a"), ctask("b")
+    w(ComputeEvent([a, b]))
+    assert w(ok("a", reported=True)) == [Execute("b", b)]
+    assert w.states() == {"a": "memory", "b": "executing"}
+
+
+def test_a_reported_run_of_a_key_assigned_again_since_is_reported_for_the_new_run():
+    w = Worker()
+    w(ComputeEvent([ctask("a", run_id=1)]))
+    w(FreeEvent(["a"]))
+    w(ComputeEvent([ctask("a", run_id=2)]))
+    # The thread's report named run 1, which the scheduler ignores: run 2 is told.
+    assert w(ok("a", run_id=1, reported=True)) == [done("a", run_id=2)]
+
+
+def test_a_reported_run_freed_meanwhile_is_dropped():
+    w = Worker()
+    w(ComputeEvent([ctask("a")]))
+    w(FreeEvent(["a"]))
+    assert w(ok("a", reported=True)) == [ReleaseData(["a"])]
     assert w.states() == {}
 
 
@@ -1021,21 +1052,31 @@ class WorkerMachine(RuleBasedStateMachine):
         del self.peers[peer][data.draw(st.sampled_from(sorted(self.peers[peer])))]
 
     # -- the IO layer ---------------------------------------------------------------
-    def finish_job(self, index: int, success: bool) -> None:
+    def finish_job(self, index: int, success: bool, reported: bool = False) -> None:
         key, run_id, _ = self.jobs.pop(index)
         if success:
             # As the IO layer: a run's value never goes over data stored since.
             ts = self.w.state.tasks.get(key)
             if ts is not None and ts.state in ("executing", "cancelled"):
                 self.store[key] = 0
-            self.handle(ok(key, run_id))
+            if reported:
+                # The task thread reported it itself, knowing nothing of the state:
+                # the scheduler takes it only if this run is still the current one.
+                spec = self.assigned.get(key)
+                if spec is not None and spec.run_id == run_id:
+                    self.reports[key] = TaskFinished(key=key, run_id=run_id, nbytes=8)
+            self.handle(ok(key, run_id, reported=reported))
         else:
             self.handle(fail(key, run_id))
 
     @precondition(lambda self: self.jobs)
-    @rule(data=st.data(), success=st.sampled_from([True, True, False]))
-    def a_thread_finishes(self, data, success):
-        self.finish_job(data.draw(st.integers(0, len(self.jobs) - 1)), success)
+    @rule(
+        data=st.data(),
+        success=st.sampled_from([True, True, False]),
+        reported=st.sampled_from([False, True]),
+    )
+    def a_thread_finishes(self, data, success, reported):
+        self.finish_job(data.draw(st.integers(0, len(self.jobs) - 1)), success, reported)
 
     def finish_gather(self, peer: str, reachable: bool) -> None:
         keys = self.flights.pop(peer)

@@ -183,3 +183,28 @@ def test_a_pushed_result_arrives_while_the_scheduler_has_not_read_it(cluster: An
         while scheduler.state.tasks[fut.key].state != "memory":
             assert time.monotonic() < deadline
             time.sleep(0.01)
+
+
+def test_a_lone_result_is_reported_once_by_its_task_thread(cluster: Any) -> None:
+    from corral.protocol.messages import TaskFinished
+
+    with Client(cluster) as client:
+        assert [client.submit(inc, i, pure=False).result(timeout=10) for i in range(40)] == list(
+            range(1, 41)
+        )
+        workers = list(cluster.workers.values())
+        assert sum(w.reported_by_threads for w in workers) > 0
+        counts = cluster.scheduler.observer.worker_ops
+        deadline = time.monotonic() + 10
+        while counts.get(TaskFinished, 0) < 40:  # the client may hear before the scheduler
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert counts[TaskFinished] == 40  # never twice: the loop knew it was sent
+        # A value a thread reported is served at once, to the other worker and its task.
+        for i in range(10):
+            a = client.submit(inc, i, pure=False)
+            assert a.result(timeout=10) == i + 1
+            (holder,) = client.who_has([a])[a.key]
+            other = next(w.address for w in workers if w.address != holder)
+            assert client.submit(inc, a, workers=[other]).result(timeout=10) == i + 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
 import contextlib
@@ -101,7 +102,7 @@ class FutureState:
     __slots__ = (
         "_async_waiters",
         "_callbacks",
-        "_event",
+        "_waiters",
         "error",
         "exception_obj",
         "finishes",
@@ -131,7 +132,9 @@ class FutureState:
         self.finishes = 0  # how many times the scheduler said the key is in memory
         self.refs = 0
         self.lock = lock
-        self._event: threading.Event | None = None
+        # One held lock per blocked thread, released when done: a bare C lock
+        # wakes a waiter without the Python-level Condition of threading.Event.
+        self._waiters: list[_thread.LockType] | None = None
         # Made on first use: most futures get neither, and every list is one
         # more object for each garbage collection to visit.
         self._async_waiters: list[asyncio.Future[None]] | None = None
@@ -186,19 +189,18 @@ class FutureState:
             self.payload = None
             self.has_value = False
             self.value = None
-            if self._event is not None:
-                self._event.clear()
 
     def _complete(self, status: str) -> None:
         with self.lock:
             self.status = status
-            event, self._event = self._event, None  # its waiters hold it; done: no more
+            waiters, self._waiters = self._waiters, None
             callbacks, self._callbacks = self._callbacks, None
-        if event is not None:
-            event.set()
-        waiters, self._async_waiters = self._async_waiters, None
         if waiters:
-            for w in waiters:
+            for waiter in waiters:
+                waiter.release()
+        async_waiters, self._async_waiters = self._async_waiters, None
+        if async_waiters:
+            for w in async_waiters:
                 if not w.done():
                     w.set_result(None)
         if callbacks:
@@ -210,13 +212,21 @@ class FutureState:
         """Block this (non-loop) thread until done; False on timeout."""
         if self.status in DONE:
             return True
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
         with self.lock:
             if self.status in DONE:
                 return True
-            if self._event is None:
-                self._event = threading.Event()
-            event = self._event
-        return event.wait(timeout)
+            if self._waiters is None:
+                self._waiters = [waiter]
+            else:
+                self._waiters.append(waiter)
+        if waiter.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            return True
+        with self.lock:  # timed out: stop waiting (unless released just now)
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return self.status in DONE
 
     async def wait_async(self) -> None:
         """Wait on the client's event loop until done."""

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from ..errors import ProtocolError
 
 _U64 = struct.Struct("<Q")
+_ONE_FRAME = struct.Struct("<QQ")  # the prefix of a message of one frame
 
 #: Frames at most this long are copied out of the shared receive buffer;
 #: longer ones get a buffer of their own that the socket reads into directly.
@@ -159,7 +160,7 @@ class FrameDecoder:
         self._lo, self._hi = 0, pending
 
     def _parse(self) -> list[list[Frame]]:
-        out: list[list[Frame]] = []
+        out = self._parse_whole_small() if self._n_frames is None else []
         while True:
             avail = self._hi - self._lo
             if self._n_frames is None:
@@ -214,4 +215,23 @@ class FrameDecoder:
             break
         if self._lo == self._hi:
             self._lo = self._hi = 0
+        return out
+
+    def _parse_whole_small(self) -> list[list[Frame]]:
+        """Take the messages of one small frame that arrived whole: the common case.
+
+        Stops at the first other message (several frames, a large frame, or
+        not all there yet), which :meth:`_parse` then reads step by step.
+        """
+        out: list[list[Frame]] = []
+        buf, lo, hi = self._buf, self._lo, self._hi
+        limit = min(SMALL_FRAME, self.max_frame_bytes)
+        while hi - lo >= 16:
+            n, length = _ONE_FRAME.unpack_from(buf, lo)
+            end = lo + 16 + length
+            if n != 1 or length > limit or end > hi:
+                break
+            out.append([bytes(self._view[lo + 16 : end])])
+            lo = end
+        self._lo = lo
         return out

@@ -2,7 +2,9 @@
 
 The pool hands finished work back to the event loop in batches: a thread
 wakes the loop only if no wake-up is already pending, so a burst of short
-tasks costs one loop wake-up instead of one per task.
+tasks costs one loop wake-up instead of one per task.  A lone result (no
+other job queued) may first be reported by the thread itself (``report``),
+so the loop's wake-up is not on the way to whoever waits for it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class ThreadPool:
         on_done: Callable[[list[Any]], None],
         worker: Any = None,
         name: str = "corral-task",
+        report: Callable[[Any], Any] | None = None,
     ) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
         self._done: deque[Any] = deque()
@@ -72,6 +75,9 @@ class ThreadPool:
         self._wake_pending = False
         self._loop = loop
         self._on_done = on_done
+        # Called on the task thread with a lone job's result (nothing else queued,
+        # so nothing to batch it with); returns what to hand to ``on_done``.
+        self._report = report
         self._threads = [
             threading.Thread(target=self._main, args=(worker,), name=f"{name}-{i}", daemon=True)
             for i in range(nthreads)
@@ -91,6 +97,11 @@ class ThreadPool:
                 return
             result = job()
             with self._lock:
+                # Under the lock: once the loop can see the result (drain), any
+                # report of it has been written, and nothing the loop sends
+                # after handling it can overtake that report.
+                if self._report is not None and self._jobs.empty():
+                    result = self._report(result)
                 self._done.append(result)
                 wake = not self._wake_pending
                 self._wake_pending = True
@@ -103,12 +114,22 @@ class ThreadPool:
                 except RuntimeError:  # the loop is closed: the worker is gone
                     return
 
+    def drain(self) -> None:
+        """Hand finished jobs to ``on_done`` now (on the loop), without waiting for the wake-up.
+
+        The worker calls it before handling any message, so a reply to a
+        result a thread reported itself never finds that result unknown.
+        """
+        if self._done:  # one appended after this look wakes the loop itself
+            self._drain()
+
     def _drain(self) -> None:
         with self._lock:
             batch = list(self._done)
             self._done.clear()
             self._wake_pending = False
-        self._on_done(batch)
+        if batch:
+            self._on_done(batch)
 
     def shutdown(self) -> None:
         """Let the threads exit once their current job ends."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -156,6 +157,8 @@ class Worker:
         self._watchers: dict[str, Connection] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._generation = 0
+        # Results their task thread reported itself (see _report_from_thread).
+        self.reported_by_threads = 0
         self._closed = asyncio.Event()
         self._registered = asyncio.Event()
         self._process = psutil.Process()
@@ -191,7 +194,9 @@ class Worker:
         warn_if_exposed("worker", listen_host, token=self.token, security=self.security)
         if self.name is None:
             self.name = self.address
-        self._pool = ThreadPool(self.nthreads, loop, self._on_results, worker=self)
+        self._pool = ThreadPool(
+            self.nthreads, loop, self._on_results, worker=self, report=self._report_from_thread
+        )
         try:
             await self._plugin_host.preloads.setup(self)  # before contacting the scheduler
         except BaseException:
@@ -239,6 +244,7 @@ class Worker:
                 delay = min(delay * 1.5, 2.0)
         self._generation += 1
         self._scheduler = conn
+        conn.allow_thread_writes()  # task threads report lone results themselves
         conn.set_handler(self._on_scheduler_messages)
         conn.on_close(self._on_scheduler_closed)
         conn.send(
@@ -385,6 +391,8 @@ class Worker:
 
     # -- scheduler stream ----------------------------------------------------------
     def _on_scheduler_messages(self, batch: list[Message]) -> None:
+        if self._pool is not None:
+            self._pool.drain()  # results reported by task threads come before replies to them
         if self._plugin_host.holding(batch):
             return  # a plugin setup/teardown is running: these wait for it
         events: list[Any] = []
@@ -507,7 +515,9 @@ class Worker:
                 msg = inst.msg
                 if self._watchers and type(msg) is TaskFinished:
                     assert isinstance(msg, TaskFinished)
-                    pushes += self._pushes_for(msg)
+                    ts = self.state.tasks.get(msg.key)
+                    if ts is not None and ts.spec is not None:
+                        pushes += self._pushes_for(msg, ts.spec.notify)
                 sends.append(msg)
             elif kind is Gather:
                 assert isinstance(inst, Gather)
@@ -528,18 +538,17 @@ class Worker:
             self.functions.trim()
         self._plugin_host.transitions(self.state, mark)
 
-    def _pushes_for(self, msg: TaskFinished) -> list[tuple[Connection, KeyInMemory]]:
+    def _pushes_for(
+        self, msg: TaskFinished, notify: list[str] | None
+    ) -> list[tuple[Connection, KeyInMemory]]:
         """The ``key_in_memory`` copies of a small result for the waiting clients watching here.
 
+        ``notify``: the clients waiting for it (``compute.tasks[].notify``).
         Lists them in ``msg.notified``: the scheduler relays the result only
-        to the clients not listed.
+        to the clients not listed.  Safe from a task thread.
         """
-        if msg.result is None:
+        if msg.result is None or not notify:
             return []  # a large result is fetched from here by the client anyway
-        ts = self.state.tasks.get(msg.key)
-        notify = ts.spec.notify if ts is not None and ts.spec is not None else None
-        if not notify:
-            return []
         pushes = []
         for client_id in notify:
             conn = self._watchers.get(client_id)
@@ -561,13 +570,57 @@ class Worker:
         inputs = {key: data[key] for key in spec.who_has if key in data}
 
         def job() -> Any:
-            return generation, run_task(spec, functions, inputs, held)
+            return (generation, spec, *run_task(spec, functions, inputs, held))
 
         return job
 
+    def _report_from_thread(self, outcome: Any) -> Any:
+        """On the task thread: report a lone task's result to the scheduler (and pushes) now.
+
+        The loop's wake-up and bookkeeping then happen after the result left,
+        not before.  Only plain-TCP connections nothing is queued on are written
+        from here (``Connection.send_from_thread``); otherwise, for failures,
+        and for results of a run from before a reconnection, the loop reports
+        as usual.  The state machine learns it was sent (``reported``) and
+        sends it again only for a newer run of the key.
+        """
+        generation, spec, event, value = outcome
+        conn = self._scheduler
+        if (
+            type(event) is not ExecuteSuccess
+            or generation != self._generation
+            or conn is None
+            or self.status != "running"
+        ):
+            return outcome
+        msg = TaskFinished(
+            key=event.key,
+            run_id=event.run_id,
+            nbytes=event.nbytes,
+            typename=event.typename,
+            start=event.start,
+            stop=event.stop,
+            result=event.result,
+        )
+        pushes = self._pushes_for(msg, spec.notify) if self._watchers else []
+        if not conn.send_from_thread([msg]):
+            return outcome
+        for client_conn, push in pushes:
+            if not client_conn.send_from_thread([push]):
+                self._loop_call(client_conn.send_many, [push])
+        self.reported_by_threads += 1
+        return generation, spec, dataclasses.replace(event, reported=True), value
+
+    def _loop_call(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on the worker's event loop, from any thread."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the worker is gone
+                loop.call_soon_threadsafe(fn, *args)
+
     def _on_results(self, batch: list[Any]) -> None:
         events = []
-        for generation, (event, value) in batch:
+        for generation, _spec, event, value in batch:
             if generation != self._generation:
                 continue  # finished after a scheduler restart: nobody wants it
             if isinstance(event, ExecuteSuccess) and self._stores_result(event.key):
@@ -646,6 +699,8 @@ class Worker:
             except CommClosedError:
                 return
             if isinstance(msg, GetData):
+                if self._pool is not None:
+                    self._pool.drain()  # a result a task thread reported is served
                 conn.send(self._get_data(msg.keys, msg.serializers))
             elif isinstance(msg, WatchResults) and hello.role == "client":
                 self._watch(hello.id, conn)
@@ -660,6 +715,7 @@ class Worker:
             old.close("replaced by a newer watch_results connection")
         self._watchers[client_id] = conn
         conn.info["client"] = client_id
+        conn.allow_thread_writes()  # task threads push lone results themselves
 
         def forget(closed: Connection) -> None:
             if self._watchers.get(client_id) is closed:

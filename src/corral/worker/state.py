@@ -89,7 +89,13 @@ class WTask:
 # Events (besides scheduler messages) ------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ExecuteSuccess:
-    """A task returned; its value is in the data store."""
+    """A task returned; its value is in the data store.
+
+    ``reported``: the IO layer already sent the scheduler ``task_finished`` for
+    this run (the task thread reports a lone result itself, see
+    ``ThreadPool``).  The machine then sends it only if the key was assigned
+    again meanwhile (a newer run id): the scheduler ignores a stale report.
+    """
 
     key: str
     run_id: int
@@ -98,6 +104,7 @@ class ExecuteSuccess:
     start: float
     stop: float
     result: Any = None  # a Payload to send to the scheduler, if asked for
+    reported: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,19 +413,20 @@ class WorkerState:
         ts.nbytes = ev.nbytes
         ts.version = 0
         self._move(ts, "memory")
-        self._out.append(
-            SendToScheduler(
-                TaskFinished(
-                    key=ts.key,
-                    run_id=ts.spec.run_id,  # the latest assignment, if re-assigned mid-run
-                    nbytes=ev.nbytes,
-                    typename=ev.typename,
-                    start=ev.start,
-                    stop=ev.stop,
-                    result=ev.result,
+        if not (ev.reported and ts.spec.run_id == ev.run_id):
+            self._out.append(
+                SendToScheduler(
+                    TaskFinished(
+                        key=ts.key,
+                        run_id=ts.spec.run_id,  # the latest assignment, if re-assigned mid-run
+                        nbytes=ev.nbytes,
+                        typename=ev.typename,
+                        start=ev.start,
+                        stop=ev.stop,
+                        result=ev.result,
+                    )
                 )
             )
-        )
         self._arrived(ts)
 
     def _execute_failure(self, ev: ExecuteFailure) -> None:
