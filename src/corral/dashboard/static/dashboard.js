@@ -310,7 +310,17 @@
     };
     ws.onclose = () => {
       setConnected(false);
-      setTimeout(connect, 1000);
+      // A refused WebSocket closes like a lost one: ask whether this browser is still let in
+      // (the scheduler may have restarted with another token), else try again.
+      fetch("/api/snapshot", { method: "HEAD", credentials: "same-origin", cache: "no-store" })
+        .then((response) => {
+          if (response.status === 401) {
+            location.href = "/login?next=" + encodeURIComponent(location.pathname);
+          } else {
+            setTimeout(connect, 1000);
+          }
+        })
+        .catch(() => setTimeout(connect, 1000));
     };
   }
 
