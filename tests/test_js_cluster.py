@@ -8,18 +8,21 @@ JavaScript workers; each consumes the other's plain-data results.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from corral import Client, LocalCluster
+from corral import Client, LocalCluster, Security
 from corral.errors import RemoteError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,6 +215,28 @@ def test_a_javascript_worker_leaving_on_sigterm_unregisters(mixed):
         stop(proc)
 
 
+def test_a_javascript_worker_a_client_watches_still_leaves_on_sigterm(mixed):
+    """Connections it serves (a watching client's) must not keep a closing worker alive."""
+    client, cluster, logs = mixed
+    proc = start_js_worker(
+        cluster.scheduler_address, cluster.token, logs / "watched.log", "--name", "js-watched"
+    )
+    try:
+        wait_for(lambda: any(w["name"] == "js-watched" for w in workers_by_runtime(client)["js"]))
+        [addr] = [
+            w["address"] for w in workers_by_runtime(client)["js"] if w["name"] == "js-watched"
+        ]
+        futures = client.map(
+            "mathlib:add", range(5), [1] * 5, runtime="js", workers=[addr], pure=False
+        )
+        assert client.gather(futures) == [i + 1 for i in range(5)]
+        wait_for(lambda: client._watching.get(addr) is not None, what="the client to watch it")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        stop(proc)
+
+
 def test_python_only_features_meet_javascript_workers(mixed):
     client, _, _ = mixed
     js_addr = next(w["address"] for w in workers_by_runtime(client)["js"] if w["name"] == "js-a")
@@ -297,3 +322,254 @@ def test_a_key_scattered_over_reaches_javascript_tasks_with_its_new_value(mixed)
     third = client.scatter({key: [5]}, workers=[js_addr])[key]
     assert client.submit(lambda xs: sum(xs), third, pure=False).result(timeout=30) == 5
     copied_to(py_addr, third)
+
+
+# -- indexed resources: a JavaScript worker tells each task which indices it holds ----------
+
+
+def test_a_javascript_worker_tells_each_task_its_indices(mixed):
+    """Offered FPGA=[3,7] with four slots: overlapping tasks never hold the same index."""
+    client, cluster, logs = mixed
+    proc = start_js_worker(
+        cluster.scheduler_address,
+        cluster.token,
+        logs / "indexed.log",
+        "--name",
+        "js-indexed",
+        "--nthreads",
+        "4",
+        "--resources",
+        "FPGA=[3,7]",
+    )
+    try:
+        wait_for(lambda: any(w["name"] == "js-indexed" for w in workers_by_runtime(client)["js"]))
+        [info] = [w for w in workers_by_runtime(client)["js"] if w["name"] == "js-indexed"]
+        assert info["resources"] == {"FPGA": 2}  # the scheduler sees the amount
+        runs = client.gather(
+            [
+                client.submit(
+                    "mathlib:heldResources", 150, resources={"FPGA": 1}, runtime="js", pure=False
+                )
+                for _ in range(6)
+            ]
+        )
+        for run in runs:
+            assert len(run["before"]["FPGA"]) == 1 and run["before"]["FPGA"][0] in (3, 7), run
+            assert run["after"] == run["before"], run  # still its own after other tasks ran
+        for run in runs:
+            overlapping = [
+                o
+                for o in runs
+                if o is not run and o["start"] < run["stop"] and run["start"] < o["stop"]
+            ]
+            assert all(o["before"]["FPGA"] != run["before"]["FPGA"] for o in overlapping), runs
+        assert {r["before"]["FPGA"][0] for r in runs} == {3, 7}
+        # Half an FPGA each: two tasks share one index, never three.
+        halves = client.gather(
+            [
+                client.submit(
+                    "mathlib:heldResources", 150, resources={"FPGA": 0.5}, runtime="js", pure=False
+                )
+                for _ in range(4)
+            ]
+        )
+        most = max(
+            sum(
+                o["start"] < run["stop"]
+                and run["start"] < o["stop"]
+                and o["before"]["FPGA"] == run["before"]["FPGA"]
+                for o in halves
+            )
+            for run in halves
+        )
+        assert most == 2, halves
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        stop(proc)
+        wait_for(
+            lambda: all(w["name"] != "js-indexed" for w in workers_by_runtime(client).get("js", []))
+        )
+
+
+def test_a_javascript_worker_detects_visible_gpus_with_resources_auto(mixed):
+    """--resources auto: GPU from CUDA_VISIBLE_DEVICES (indexed) and MEMORY, as `corral worker`."""
+    client, cluster, logs = mixed
+    env_before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = "4,6"
+    try:
+        proc = start_js_worker(
+            cluster.scheduler_address,
+            cluster.token,
+            logs / "auto.log",
+            "--name",
+            "js-auto",
+            "--resources",
+            "auto,SLOT=1",
+        )
+    finally:
+        if env_before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = env_before
+    try:
+        wait_for(lambda: any(w["name"] == "js-auto" for w in workers_by_runtime(client)["js"]))
+        [info] = [w for w in workers_by_runtime(client)["js"] if w["name"] == "js-auto"]
+        assert info["resources"]["GPU"] == 2 and info["resources"]["SLOT"] == 1
+        assert info["resources"]["MEMORY"] > 0
+        # SLOT routes the task there (the other GPU worker offers GPU=1, not SLOT).
+        run = client.submit(
+            "mathlib:heldResources", 0, resources={"GPU": 1, "SLOT": 1}, runtime="js", pure=False
+        ).result()
+        assert run["before"]["GPU"] in ([4], [6]) and run["before"]["SLOT"] == 1
+        assert run["cuda"] == str(run["before"]["GPU"][0])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        stop(proc)
+        wait_for(
+            lambda: all(w["name"] != "js-auto" for w in workers_by_runtime(client).get("js", []))
+        )
+
+
+# -- TLS: a scheduler, a Python worker and JavaScript workers as processes, mutual TLS --------
+
+
+def _make_pki(folder: Path):
+    """tests/reliability/_certs.py's CA, node certificate and stranger (signed by another CA)."""
+    spec = importlib.util.spec_from_file_location(
+        "_js_cluster_certs", ROOT / "tests" / "reliability" / "_certs.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.make_pki(str(folder))
+
+
+def _tls_args(ca: str, cert: str, key: str) -> list[str]:
+    return ["--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key]
+
+
+def _python(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.pop("CORRAL_AUTH_TOKEN", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "corral", *args],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory):
+    """A TLS scheduler and Python worker (``corral ... --tls-*``) and a TLS JavaScript worker."""
+    folder = tmp_path_factory.mktemp("js-tls")
+    pki = _make_pki(folder)
+    node = _tls_args(pki.ca.cert, pki.node.cert, pki.node.key)
+    sched_file = folder / "scheduler.json"
+    procs = [
+        _python(
+            "scheduler",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--auth",
+            "none",
+            "--scheduler-file",
+            str(sched_file),
+            *node,
+            log=folder / "scheduler.log",
+        )
+    ]
+    try:
+        wait_for(
+            lambda: sched_file.exists() and sched_file.stat().st_size > 0, 60, "the TLS scheduler"
+        )
+        address = json.loads(sched_file.read_text())["address"]
+        assert address.startswith("tls://")
+        procs.append(
+            _python(
+                "worker", address, "--no-nanny", "--nthreads", "2", *node, log=folder / "py.log"
+            )
+        )
+        procs.append(start_js_worker(address, None, folder / "js.log", "--name", "js-tls", *node))
+        security = Security(tls_ca_file=pki.ca.cert, tls_cert=pki.node.cert, tls_key=pki.node.key)
+        with Client(address, security=security) as client:
+            client.wait_for_workers(2, timeout=60)
+            yield client, address, pki, folder
+    finally:
+        for p in reversed(procs):
+            stop(p)
+
+
+def test_values_cross_runtimes_over_tls(tls_cluster):
+    client, _, _, _ = tls_cluster
+    workers = workers_by_runtime(client)
+    assert all(w["address"].startswith("tls://") for ws in workers.values() for w in ws), workers
+    # > 64 KiB each way: peer fetches between the Python and the JavaScript worker, over TLS.
+    big = client.submit(lambda n: list(range(n)), 50_000)
+    total = client.submit("mathlib:sum", big, runtime="js")
+    assert total.result(timeout=60) == sum(range(50_000))
+    blob = client.submit("mathlib:bytes", 300_000, runtime="js")
+    assert client.submit(len, blob).result(timeout=60) == 300_000
+    # The client fetches from the JavaScript worker's TLS peer port.
+    assert client.gather(blob) == b"\x07" * 300_000
+    held = holders(client, [big, total, blob])
+    assert "js" in held[big.key] and held[total.key] == {"js"} and "python" in held[blob.key]
+
+
+def test_a_javascript_worker_takes_its_tls_settings_from_the_environment(tls_cluster):
+    client, address, pki, folder = tls_cluster
+    env = {
+        "CORRAL_TLS__CA_FILE": pki.ca.cert,
+        "CORRAL_TLS__CERT": pki.node.cert,
+        "CORRAL_TLS__KEY": pki.node.key,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        proc = start_js_worker(address, None, folder / "js-env.log", "--name", "js-env")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        wait_for(lambda: any(w["name"] == "js-env" for w in workers_by_runtime(client)["js"]))
+        [info] = [w for w in workers_by_runtime(client)["js"] if w["name"] == "js-env"]
+        assert info["address"].startswith("tls://")
+        f = client.submit("mathlib:add", 1, 2, runtime="js", workers=[info["address"]])
+        assert f.result(timeout=30) == 3
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ("stranger", "refused the TLS connection"),
+        ("none", "is a TLS address: give TLS settings"),
+        ("missing-file", "--tls-cert: no such file"),
+    ],
+)
+def test_a_javascript_worker_the_tls_cluster_cannot_trust_exits_saying_why(
+    tls_cluster, settings, message
+):
+    client, address, pki, folder = tls_cluster
+    args = {
+        "stranger": _tls_args(pki.ca.cert, pki.stranger.cert, pki.stranger.key),
+        "none": [],
+        "missing-file": _tls_args(pki.ca.cert, str(folder / "nope.pem"), pki.node.key),
+    }[settings]
+    log = folder / f"refused-{settings}.log"
+    proc = start_js_worker(address, None, log, "--name", f"js-{settings}", *args)
+    try:
+        assert proc.wait(30) != 0
+    finally:
+        stop(proc)
+    assert message in log.read_text(), log.read_text()
+    assert all(w["name"] != f"js-{settings}" for w in workers_by_runtime(client).get("js", []))

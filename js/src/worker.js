@@ -261,10 +261,13 @@ export class Worker {
       sched.close(reason);
       await Promise.race([gone, new Promise((r) => setTimeout(r, 2000).unref())]);
     }
-    if (this.server) await new Promise((r) => this.server.close(() => r()));
+    // A server closes once its connections have: end the ones it serves
+    // (watching clients, peers) first, or a watching client keeps us alive.
+    const stopped = this.server ? new Promise((r) => this.server.close(() => r())) : null;
+    for (const conn of this.peerServed ?? []) conn.abort("worker closing");
     for (const conn of this.peers.values()) conn.close();
     this.peers.clear();
-    for (const conn of this.peerServed ?? []) conn.abort("worker closing");
+    await stopped;
     this.data.clear();
     this.status = "closed";
     log("INFO", `worker ${this.name} closed (${reason})`);
