@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar, Union
 
 from ..errors import ProtocolError
+from . import fast_decode
 from .serialize import Payload
 
 if typing.TYPE_CHECKING:
@@ -204,7 +205,7 @@ def record(cls: R) -> R:
         converters[f.name] = (_converter(hints[f.name]), required)
     dc._converters = converters
     dc.to_wire = _generate_to_wire(dc)
-    dc.from_wire = classmethod(_generate_from_wire(dc))
+    dc.from_wire = classmethod(_with_fast_path(fast_decode.generate(dc, _MISSING), dc))
     op = getattr(dc, "op", None)
     if op is not None:
         if op in OPS:
@@ -227,6 +228,19 @@ def _generate_to_wire(cls: Any) -> Callable[[Any], dict[str, Any]]:
     namespace: dict[str, Any] = {}
     exec("\n".join(lines), namespace)
     return typing.cast(Callable[[Any], dict[str, Any]], namespace["to_wire"])
+
+
+def _with_fast_path(fast: Converter, cls: Any) -> Callable[..., Any]:
+    """``from_wire``: the generated fast decoder, else the careful one (which names errors)."""
+    careful = _generate_from_wire(cls)
+
+    def from_wire(_cls: Any, obj: Any) -> Any:
+        try:
+            return fast(obj)
+        except Exception:  # fast_decode.Fallback, or anything it did not foresee
+            return careful(_cls, obj)
+
+    return from_wire
 
 
 def _generate_from_wire(cls: Any) -> Callable[..., Any]:
