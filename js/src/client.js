@@ -18,6 +18,7 @@ import { SerializationError, decodePayload, msgpackPayload } from "./codec.js";
 import { CommClosedError, connect } from "./comm.js";
 import { CancelledError, Future, FutureState, RemoteError } from "./future.js";
 import { GraphError, flattenKeys, packResults, planGraph } from "./graph.js";
+import { validateOffer } from "./resources.js";
 import { packScatter, shapeScatterResult } from "./scatter.js";
 import {
   SHARED_TASK_OPTIONS,
@@ -555,6 +556,21 @@ export class Client {
   cancel(futures) {
     const list = futures instanceof Future ? [futures] : [...futures];
     this.conn.send({ op: "cancel_keys", keys: list.map((f) => f.key) });
+  }
+
+  /**
+   * Change what a worker offers: the named resources are replaced, the
+   * others kept; amounts, or arrays of indices (`{GPU: [0, 1]}`).  Tasks
+   * already running keep what they hold.
+   * @param {string} worker  the worker's address
+   * @param {Record<string, number | Array<number|string>>} resources
+   * @returns {Promise<void>} rejects with a ResourceError for a malformed offer (before
+   *   anything is sent), or with the scheduler's error (an unknown worker, say)
+   */
+  async setResources(worker, resources) {
+    if (typeof worker !== "string" || !worker) throw new TypeError(`setResources: worker must be an address, got ${JSON.stringify(worker)}`);
+    const offer = validateOffer(resources, "setResources: resources");
+    await this.#ask({ op: "set_resources", worker, resources: offer });
   }
 
   /** The scheduler's description of itself and its workers. */

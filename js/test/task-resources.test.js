@@ -71,6 +71,17 @@ test("other resources show the amount; a task demanding nothing holds nothing", 
   assert.deepEqual(plain.before, {});
 });
 
+test("setResources with indices: new tasks get the new indices", { timeout: 60_000 }, async () => {
+  const [address] = Object.keys((await client.schedulerInfo()).workers);
+  await client.setResources(address, { FPGA: [9, 11] });
+  const runs = await client.gather([0, 1].map(() => client.submit("mathlib:heldResources", [100], { resources: { FPGA: 1 }, pure: false })));
+  assert.deepEqual(runs.map((r) => r.before.FPGA[0]).sort(), [11, 9]);
+  assert.equal((await client.schedulerInfo()).workers[address].resources.FPGA, 2);
+  await assert.rejects(client.setResources("tcp://127.0.0.1:9", { FPGA: 1 }), /tcp:\/\/127.0.0.1:9/);
+  await assert.rejects(client.setResources(address, { FPGA: [1, 1] }), /setResources: resources: FPGA lists index 1 twice/);
+  await client.setResources(address, { FPGA: [5] });
+});
+
 test("a demand larger than the offer waits on the scheduler; outside a task there is nothing to ask", async () => {
   const f = client.submit("mathlib:heldResources", [0], { resources: { GPU: 3 }, pure: false });
   let why = {};
