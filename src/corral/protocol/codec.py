@@ -30,20 +30,24 @@ class Encoder:
         self._packer = msgpack.Packer(default=self._default, use_bin_type=True, autoreset=True)
 
     def _default(self, obj: Any) -> Any:
+        if isinstance(obj, Payload):  # the most common object inside a message
+            frames = obj.frames
+            for f in frames:
+                if (len(f) if type(f) is bytes else memoryview(f).nbytes) >= OUT_OF_BAND_MIN:
+                    frames = [self._out_of_band(f) for f in frames]
+                    break
+            return {"serializer": obj.serializer, "frames": frames}
         to_wire = getattr(obj, "to_wire", None)
         if to_wire is None:
             raise TypeError(f"cannot encode {type(obj).__name__} in a message header")
-        wire = to_wire()
-        if isinstance(obj, Payload):
-            frames = []
-            for f in obj.frames:
-                if memoryview(f).nbytes >= OUT_OF_BAND_MIN:
-                    self._frames.append(f)
-                    frames.append(msgpack.ExtType(FRAME_REF, _U32.pack(len(self._frames))))
-                else:
-                    frames.append(f)
-            wire["frames"] = frames
-        return wire
+        return to_wire()
+
+    def _out_of_band(self, frame: Frame) -> Any:
+        """A large frame travels as its own frame; the header refers to it."""
+        if memoryview(frame).nbytes < OUT_OF_BAND_MIN:
+            return frame
+        self._frames.append(frame)
+        return msgpack.ExtType(FRAME_REF, _U32.pack(len(self._frames)))
 
     def encode(self, messages: Sequence[Any]) -> list[Frame]:
         """Return the frames of one wire message carrying ``messages``."""
