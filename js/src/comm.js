@@ -15,6 +15,7 @@ import {
   encodeFrames,
 } from "./framing.js";
 
+/** The protocol version this side speaks (hello, handshake). */
 export const PROTOCOL_VERSION = 1;
 /** Seconds a peer has to complete the handshake. */
 export const HANDSHAKE_TIMEOUT = 10;

@@ -7,10 +7,13 @@
 
 import { ProtocolError } from "./codec.js";
 
+/** Most frames in one message (docs/protocol.md section 2). */
 export const DEFAULT_MAX_FRAMES = 65536;
+/** Largest frame accepted by default: 4 GiB. */
 export const DEFAULT_MAX_FRAME_BYTES = 4 * 1024 ** 3;
-/** Limits before the handshake completed (server side). */
+/** Limits before the handshake completed (server side): frames per message ... */
 export const HANDSHAKE_MAX_FRAMES = 16;
+/** ... and bytes per frame. */
 export const HANDSHAKE_MAX_FRAME_BYTES = 1024 * 1024;
 
 /**
@@ -25,6 +28,7 @@ export function encodeFrames(frames) {
   return [prefix, ...frames];
 }
 
+/** Cuts a byte stream into messages (arrays of frames), checking the limits before a frame's bytes arrive. */
 export class FrameDecoder {
   constructor({ maxFrames = DEFAULT_MAX_FRAMES, maxFrameBytes = DEFAULT_MAX_FRAME_BYTES } = {}) {
     this.maxFrames = maxFrames;

@@ -14,6 +14,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 
+/** A task names a function no loaded module exports. */
 export class FunctionNotFound extends Error {
   constructor(message) {
     super(message);
@@ -30,6 +31,7 @@ function moduleUrl(spec, cwd) {
   return pathToFileURL(require.resolve(spec)).href;
 }
 
+/** The modules a worker loaded, and the functions tasks may name in them. */
 export class FunctionRegistry {
   constructor() {
     /** @type {Map<string, object>} name -> module namespace (or plain object) */

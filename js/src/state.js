@@ -45,6 +45,7 @@ import { ResourcePool, taskResources } from "./resources.js";
 
 /** Most peers fetched from at once, and most bytes asked of one peer at once. */
 export const MAX_GATHERS = 8;
+/** (See MAX_GATHERS.) */
 export const GATHER_BYTES = 64 * 1024 ** 2;
 
 /** Legal transitions: start -> finishes. Anything else throws at once. */
@@ -67,6 +68,7 @@ const TRANSITIONS = {
   forgotten: [],
 };
 
+/** A transition the worker's task life does not allow: a bug, raised at once. */
 export class InvalidTransition extends Error {
   constructor(key, start, finish) {
     super(`invalid transition of ${JSON.stringify(key)}: ${start} -> ${finish}`);
@@ -161,6 +163,7 @@ export class WTask {
   }
 }
 
+/** The worker's state machine: events in, instructions out (see the top of this file). */
 export class WorkerState {
   /**
    * @param {number} nthreads  how many tasks may execute at once

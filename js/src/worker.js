@@ -17,7 +17,9 @@ import { TlsSettings } from "./tls.js";
 
 export { typeName };
 
+/** The runtime this worker registers: it runs tasks submitted with runtime "js". */
 export const RUNTIME = "js";
+/** Seconds between heartbeats. */
 export const HEARTBEAT_INTERVAL = 1.0;
 /** Results at most this large travel inline with task_finished when a client wants them. */
 export const INLINE_RESULT_BYTES = 64 * 1024;
@@ -112,6 +114,7 @@ function checkCompute(msg) {
   need(msg.functions == null || (isObj(msg.functions) && Object.values(msg.functions).every(isPayload)), "compute: malformed functions");
 }
 
+/** A JavaScript worker: connects to a scheduler, runs tasks, serves results (docs/javascript.md). */
 export class Worker {
   static quiet = false;
 

@@ -3,8 +3,10 @@
 // tests/resources/test_resources_spec.py for the Python pool.
 
 import assert from "node:assert/strict";
+import os from "node:os";
 import { test } from "node:test";
 
+import { detectGpus, detectResources } from "../src/detect.js";
 import {
   ResourceError,
   ResourcePool,
@@ -152,4 +154,15 @@ test("pool: validate catches books that disagree with the tasks, and oversubscri
 test("a task's view: indices of indexed resources, amounts of the others", () => {
   assert.deepEqual(taskResources({ GPU: 1, MEM: 5 }, { GPU: [[1, 1]] }), { GPU: [1], MEM: 5 });
   assert.deepEqual(taskResources(null, null), {});
+});
+
+test("GPUs are detected from CUDA_VISIBLE_DEVICES, else nvidia-smi; none without NVIDIA tooling", () => {
+  assert.deepEqual(detectGpus({ CUDA_VISIBLE_DEVICES: "0,2" }), [0, 2]);
+  assert.deepEqual(detectGpus({ CUDA_VISIBLE_DEVICES: "GPU-5d2c,GPU-77aa" }), ["GPU-5d2c", "GPU-77aa"]);
+  assert.deepEqual(detectGpus({ CUDA_VISIBLE_DEVICES: "" }), []);
+  assert.deepEqual(detectGpus({ CUDA_VISIBLE_DEVICES: "-1" }), []);
+  assert.deepEqual(detectGpus({ CUDA_VISIBLE_DEVICES: "1,-1,2" }), [1]); // CUDA stops at the first invalid entry
+  assert.deepEqual(detectGpus({ PATH: "/nonexistent" }), []);
+  assert.deepEqual(detectResources({ CUDA_VISIBLE_DEVICES: "3,1" }), { GPU: [3, 1], MEMORY: os.totalmem() });
+  assert.deepEqual(detectResources({ PATH: "/nonexistent" }), { MEMORY: os.totalmem() });
 });
