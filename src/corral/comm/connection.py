@@ -354,14 +354,13 @@ class Connection(asyncio.BufferedProtocol):
                 or transport.get_write_buffer_size()
             ):
                 return False
-            frames = self._encoder.encode(msgs)
-            buffers = encode_frames(frames)
-            total = sum(memoryview(b).nbytes for b in buffers)
-            if total > THREAD_WRITE_MAX:
+            buffers = encode_frames(self._encoder.encode(msgs))
+            # One small frame, joined with its prefix, is the common case.
+            data = buffers[0] if len(buffers) == 1 and type(buffers[0]) is bytes else b""
+            if not data or len(data) > THREAD_WRITE_MAX:
                 self._write_queue.extend(memoryview(b).cast("B") for b in buffers)
                 self._hand_over()
                 return True
-            data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
             try:
                 written = os.write(fd, data)
             except (BlockingIOError, InterruptedError):

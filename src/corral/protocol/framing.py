@@ -79,6 +79,8 @@ def encode_frames(frames: Sequence[Frame]) -> list[Frame]:
     Small messages are joined into one buffer (one syscall); large frames are
     passed through untouched so they are never copied in user space.
     """
+    if len(frames) == 1 and type(frames[0]) is bytes and len(frames[0]) <= SMALL_FRAME:
+        return [_ONE_FRAME.pack(1, len(frames[0])) + frames[0]]  # a lone header: most messages
     lengths = [memoryview(f).nbytes for f in frames]
     prefix = frame_prefix(lengths)
     if sum(lengths) <= SMALL_FRAME:

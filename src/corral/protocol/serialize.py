@@ -120,8 +120,14 @@ def _needs_by_value(obj: Any) -> bool:
     return module in ("__main__", None) or "<lambda>" in qualname or "<locals>" in qualname
 
 
+#: Types pickled as they are: nothing in them travels out of band or by value.
+_SCALARS = frozenset({int, float, bool, str, type(None), complex})
+
+
 def serialize(obj: Any, serializer: str = "pickle") -> Payload:
     """Serialize ``obj``; raise :class:`SerializationError` naming the cause."""
+    if type(obj) in _SCALARS and serializer == "pickle":  # most small results
+        return Payload("pickle", [pickle.dumps(obj, protocol=5)])
     try:
         if serializer == "msgpack":
             return Payload("msgpack", [msgpack.packb(obj, use_bin_type=True)])
@@ -259,6 +265,9 @@ def payload_digest(payload: Payload) -> str:
 
 def sizeof(obj: Any) -> int:
     """Best-effort size in bytes of a Python object, for placement decisions."""
+    kind = type(obj)
+    if kind is int or kind is float or kind is bool or obj is None:
+        return sys.getsizeof(obj)  # spares the failed attribute look-up below
     nbytes = getattr(obj, "nbytes", None)
     if isinstance(nbytes, int):
         return nbytes

@@ -10,6 +10,7 @@ so the loop's wake-up is not on the way to whoever waits for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -152,11 +153,12 @@ class FunctionCache:
 
     def get(self, fid: str) -> Any:
         """Return the callable for ``fid``, deserializing it on first use."""
-        with self._lock:
-            fn = self._loaded.get(fid)
-            if fn is not None:
+        fn = self._loaded.get(fid)
+        if fn is not None:
+            # Single C calls are atomic: no lock for the common case.
+            with contextlib.suppress(KeyError):  # dropped by another thread just now
                 self._loaded.move_to_end(fid)
-                return fn
+            return fn
         payload = self.payloads.get(fid)
         if payload is None:
             raise KeyError(f"function {fid} was not sent to this worker")
@@ -230,7 +232,10 @@ def run_task(
             fn = functions.get(spec.fn)
         except Exception as exc:
             raise type(exc)(f"could not load the function of task {spec.key!r}: {exc}") from exc
-        with resolving_functions(functions.get):
+        if spec.needs:  # the arguments refer to functions shipped with the batch
+            with resolving_functions(functions.get):
+                args, kwargs = deserialize(spec.args)
+        else:
             args, kwargs = deserialize(spec.args)
         if spec.who_has:
             args = substitute(args, data)
