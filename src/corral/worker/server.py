@@ -567,7 +567,7 @@ class Worker:
         # The inputs as they are now: one dropped before a thread takes the task
         # (its key was scattered over since) must not vanish from under it.
         data = self.data
-        inputs = {key: data[key] for key in spec.who_has if key in data}
+        inputs = {key: data[key] for key in spec.who_has if key in data} if spec.who_has else {}
 
         def job() -> Any:
             return (generation, spec, *run_task(spec, functions, inputs, held))
@@ -607,7 +607,7 @@ class Worker:
             return outcome
         for client_conn, push in pushes:
             if not client_conn.send_from_thread([push]):
-                self._loop_call(client_conn.send_many, [push])
+                self._loop_call(_send_if_open, client_conn, [push])
         self.reported_by_threads += 1
         return generation, spec, dataclasses.replace(event, reported=True), value
 
@@ -848,6 +848,12 @@ class Worker:
         timer.daemon = True
         timer.start()
         self._spawn(self.close(report=False, reason="memory above its terminate mark"))
+
+
+def _send_if_open(conn: Connection, msgs: list[Message]) -> None:
+    """Queue ``msgs`` on ``conn`` unless it closed meanwhile (a client that left)."""
+    if not conn.closed:
+        conn.send_many(msgs)
 
 
 def _serialize_for_peer(value: Any, serializers: list[str] | None) -> Any:
