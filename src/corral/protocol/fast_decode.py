@@ -131,6 +131,15 @@ class _Gen:
         return lines
 
 
+def default_expression(field: Any, env: dict[str, Any], name: str) -> str:
+    """Source of an expression giving ``field``'s default, binding what it needs in ``env``."""
+    if field.default_factory is not dataclasses.MISSING:
+        env[name] = field.default_factory
+        return f"{name}()"
+    env[name] = field.default
+    return name
+
+
 def decoder_of(cls: type) -> Callable[[Any], Any]:
     """The fast decoder generated for record class ``cls``."""
     return _FAST[cls]
@@ -166,12 +175,7 @@ def generate(cls: Any, missing: object) -> Callable[[Any], Any]:
         if required:
             lines += ["    if v is MISSING: raise Fallback", *_indent(check)]
         else:
-            if f.default_factory is not dataclasses.MISSING:
-                env[f"default_{i}"] = f.default_factory
-                default = f"default_{i}()"
-            else:
-                env[f"default_{i}"] = f.default
-                default = f"default_{i}"
+            default = default_expression(f, env, f"default_{i}")
             lines += ["    if v is MISSING or v is None:", f"        v = {default}"]
             if check:
                 lines += ["    else:", *_indent(_indent(check))]

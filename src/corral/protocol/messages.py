@@ -282,12 +282,7 @@ def _generate_from_wire(cls: Any) -> Callable[..., Any]:
             else:
                 lines += convert_lines
         else:
-            if f.default_factory is not dataclasses.MISSING:
-                env[f"default_{f.name}"] = f.default_factory
-                default = f"default_{f.name}()"
-            else:
-                env[f"default_{f.name}"] = f.default
-                default = f"default_{f.name}"
+            default = fast_decode.default_expression(f, env, f"default_{f.name}")
             lines += [
                 "    if v is MISSING or v is None:",
                 f"        v = {default}",

@@ -66,6 +66,7 @@ from .state import (
     ReleaseData,
     SendToScheduler,
     WorkerState,
+    task_finished,
 )
 
 logger = logging.getLogger("corral.worker")
@@ -593,15 +594,7 @@ class Worker:
             or self.status != "running"
         ):
             return outcome
-        msg = TaskFinished(
-            key=event.key,
-            run_id=event.run_id,
-            nbytes=event.nbytes,
-            typename=event.typename,
-            start=event.start,
-            stop=event.stop,
-            result=event.result,
-        )
+        msg = task_finished(event, event.run_id)
         pushes = self._pushes_for(msg, spec.notify) if self._watchers else []
         if not conn.send_from_thread([msg]):
             return outcome

@@ -164,6 +164,19 @@ class FreeEvent:
     keys: list[str]
 
 
+def task_finished(ev: ExecuteSuccess, run_id: int) -> TaskFinished:
+    """The scheduler's ``task_finished`` for a successful run, as assignment ``run_id``."""
+    return TaskFinished(
+        key=ev.key,
+        run_id=run_id,
+        nbytes=ev.nbytes,
+        typename=ev.typename,
+        start=ev.start,
+        stop=ev.stop,
+        result=ev.result,
+    )
+
+
 # Instructions ---------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Execute:
@@ -414,19 +427,8 @@ class WorkerState:
         ts.version = 0
         self._move(ts, "memory")
         if not (ev.reported and ts.spec.run_id == ev.run_id):
-            self._out.append(
-                SendToScheduler(
-                    TaskFinished(
-                        key=ts.key,
-                        run_id=ts.spec.run_id,  # the latest assignment, if re-assigned mid-run
-                        nbytes=ev.nbytes,
-                        typename=ev.typename,
-                        start=ev.start,
-                        stop=ev.stop,
-                        result=ev.result,
-                    )
-                )
-            )
+            # As the latest assignment, if the key was assigned again mid-run.
+            self._out.append(SendToScheduler(task_finished(ev, ts.spec.run_id)))
         self._arrived(ts)
 
     def _execute_failure(self, ev: ExecuteFailure) -> None:
