@@ -109,6 +109,14 @@ def mixed(tmp_path_factory):
                 stop(p)
 
 
+def stop_and_wait_gone(proc, client: Client, name: str) -> None:
+    """SIGTERM a JavaScript worker, then wait until the scheduler no longer lists it."""
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    stop(proc)
+    wait_for(lambda: all(w["name"] != name for w in workers_by_runtime(client).get("js", [])))
+
+
 def holders(client: Client, futures) -> dict[str, set[str]]:
     """key -> the runtimes of the workers holding it (copies fetched by dependents too)."""
     info = client.scheduler_info()["workers"]
@@ -384,12 +392,7 @@ def test_a_javascript_worker_tells_each_task_its_indices(mixed):
         )
         assert most == 2, halves
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        stop(proc)
-        wait_for(
-            lambda: all(w["name"] != "js-indexed" for w in workers_by_runtime(client).get("js", []))
-        )
+        stop_and_wait_gone(proc, client, "js-indexed")
 
 
 def test_a_javascript_worker_detects_visible_gpus_with_resources_auto(mixed):
@@ -424,12 +427,7 @@ def test_a_javascript_worker_detects_visible_gpus_with_resources_auto(mixed):
         assert run["before"]["GPU"] in ([4], [6]) and run["before"]["SLOT"] == 1
         assert run["cuda"] == str(run["before"]["GPU"][0])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        stop(proc)
-        wait_for(
-            lambda: all(w["name"] != "js-auto" for w in workers_by_runtime(client).get("js", []))
-        )
+        stop_and_wait_gone(proc, client, "js-auto")
 
 
 # -- TLS: a scheduler, a Python worker and JavaScript workers as processes, mutual TLS --------

@@ -208,3 +208,17 @@ class Page:
         data = await self.send("Page.captureScreenshot", {"format": "png"})
         with open(path, "wb") as f:
             f.write(base64.b64decode(data["data"]))
+
+
+def browser_test_marks(timeout: int) -> list[Any]:
+    """Marks of a test that drives Chromium: a time limit, skipped where there is none."""
+    import pytest
+
+    return [
+        pytest.mark.timeout(timeout),
+        pytest.mark.skipif(
+            find_chromium() is None,
+            reason="no Chromium binary (apt-get install chromium; .ci/run installs it): "
+            "the browser test cannot run",
+        ),
+    ]

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-from _cdp import Browser, find_chromium
+from _cdp import Browser, browser_test_marks, find_chromium
 
 from corral import Scheduler
 
 CHROMIUM = find_chromium()
 TOKEN = "s3cret-cluster-token_for-tests"
 
-pytestmark = [
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        CHROMIUM is None,
-        reason="no Chromium binary (apt-get install chromium; .ci/run installs it): "
-        "the browser test cannot run",
-    ),
-]
+pytestmark = browser_test_marks(timeout=180)
 
 
 def test_login_page_form_and_return_to_login_in_a_browser(monkeypatch):

@@ -15,22 +15,14 @@ import json
 import os
 import time
 
-import pytest
-from _cdp import Browser, find_chromium
+from _cdp import Browser, browser_test_marks, find_chromium
 
 from corral import Client, LocalCluster
 
 ARTIFACTS = os.path.join(os.path.dirname(__file__), "artifacts")
 CHROMIUM = find_chromium()
 
-pytestmark = [
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(
-        CHROMIUM is None,
-        reason="no Chromium binary (apt-get install chromium; .ci/run installs it): "
-        "the browser test cannot run",
-    ),
-]
+pytestmark = browser_test_marks(timeout=240)
 
 
 def has_gpu(worker):
