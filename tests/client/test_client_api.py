@@ -6,6 +6,7 @@ expected values are what ``dask.distributed`` returns for the same calls.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -671,3 +672,22 @@ def test_default_client_and_get_client(c):
     finally:
         other.close()
     assert other.status == "closed"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_impure_keys_of_a_forked_child_differ_from_its_parents():
+    from corral.client.client import _unique_ids
+
+    before = _unique_ids.next()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one key, then leave at once
+        os.write(write, _unique_ids.next().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    after = _unique_ids.next()
+    assert len(child) == len(before) == 32
+    assert child[:16] != before[:16]  # the child drew its own random half
+    assert after[:16] == before[:16] and after != before

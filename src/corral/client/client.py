@@ -1363,13 +1363,15 @@ class _UniqueIds:
     """
 
     def __init__(self) -> None:
-        self._pid = -1
-        self._prefix = ""
         self._counter = itertools.count()
+        self._draw()
+        if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+            os.register_at_fork(after_in_child=self._draw)
+
+    def _draw(self) -> None:
+        self._prefix = os.urandom(8).hex()
 
     def next(self) -> str:
-        if self._pid != os.getpid():
-            self._pid, self._prefix = os.getpid(), os.urandom(8).hex()
         return f"{self._prefix}{next(self._counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 

@@ -1135,6 +1135,8 @@ class SchedulerState:
         See :func:`placement.plan_runs`: neighbours in priority order share a
         worker.  Empty when fewer than two are free (nothing to plan).
         """
+        if len(ready) < 2:
+            return {}  # a lone task (a submit): nothing to plan
         free = [
             ts
             for ts in dict.fromkeys(ready)
@@ -1190,15 +1192,16 @@ class SchedulerState:
             for name, amount in ts.resources.items():
                 occ[name] = occ.get(name, 0.0) + ts.duration * amount
         assert ts.args is not None
+        deps = ts.deps
         task = ComputeTask(
             key=ts.key,
             args=ts.args,
             fn=ts.fn,
             needs=ts.needs,
             run_id=ts.run_id,
-            who_has={d.key: [w.address for w in d.who_has] for d in ts.deps},
-            nbytes={d.key: d.nbytes for d in ts.deps},
-            versions={d.key: d.version for d in ts.deps if d.version} or None,
+            who_has={d.key: [w.address for w in d.who_has] for d in deps} if deps else {},
+            nbytes={d.key: d.nbytes for d in deps} if deps else {},
+            versions=({d.key: d.version for d in deps if d.version} or None) if deps else None,
             priority=list(ts.priority),
             resources=ts.resources,
             send_result=bool(ts.who_wants),
