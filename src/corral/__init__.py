@@ -14,7 +14,15 @@ from .deploy import LocalCluster
 from .diagnostics.progress import progress
 from .environments import WorkerEnvironment, environment_worker, get_environment_state
 from .errors import CommClosedError, FutureCancelledError, KilledWorker, LostDataError
-from .plugins import PipInstall, PipInstallError, SchedulerPlugin, UploadFile, WorkerPlugin
+from .plugins import (
+    Environ,
+    NannyPlugin,
+    PipInstall,
+    PipInstallError,
+    SchedulerPlugin,
+    UploadFile,
+    WorkerPlugin,
+)
 from .resources import get_task_resources, task_env
 from .scheduler import Scheduler
 from .versions import VersionMismatchError, VersionMismatchWarning
@@ -42,11 +50,13 @@ def get_client() -> Client:
 __all__ = [
     "Client",
     "CommClosedError",
+    "Environ",
     "Future",
     "FutureCancelledError",
     "KilledWorker",
     "LocalCluster",
     "LostDataError",
+    "NannyPlugin",
     "PipInstall",
     "PipInstallError",
     "Scheduler",

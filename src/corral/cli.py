@@ -493,6 +493,7 @@ def worker(
             memory_terminate_fraction=memory_terminate_fraction or None,
             memory_spill_fraction=memory_spill_fraction or None,
             nanny_slot=supervision.slot if supervision else None,
+            nanny_channel=supervision.channel if supervision else None,
         )
 
     async def start() -> None:

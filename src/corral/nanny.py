@@ -3,7 +3,8 @@
 A supervised worker is an ordinary ``corral worker --no-nanny`` process
 started by a supervisor, which is either ``corral worker`` itself (the
 default: ``--nanny``) or a ``LocalCluster(processes=True)``.  The two talk
-through the environment and the exit status only:
+through the environment, the exit status and, for nanny plugins only, a
+private folder:
 
 * the supervisor gives each child ``CORRAL_NANNY_SLOT`` (an id that stays the
   same across restarts of that child), ``CORRAL_NANNY_READY`` (a file the
@@ -16,6 +17,13 @@ through the environment and the exit status only:
   with :data:`EXIT_RESTART`; the supervisor starts a fresh process at once;
 * a child that crashes (any other non-zero status, a signal) after it was
   ready is restarted too, with a growing delay if it keeps crashing;
+* nanny plugins (:class:`corral.NannyPlugin`) reach the supervisor through
+  the child: the scheduler hands them to it (``setup_plugin`` with ``nanny``)
+  and the child passes them on through a private folder,
+  ``CORRAL_NANNY_PLUGINS`` (:mod:`corral.nanny_channel`); the supervisor sets
+  them up in its own process with the :class:`Slot` as the ``nanny``, and the
+  child restarts when the plugin asks for it (``restart = True``), so that
+  ``Slot.env`` changes reach the fresh process;
 * a child that exits with status 0 (closed by the scheduler, or stopped) or
   with :data:`EXIT_REFUSED` (the scheduler refused it: a strict version check,
   a wrong token) is not restarted, nor is one that failed before it was ready
@@ -38,6 +46,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from . import nanny_channel
+
 logger = logging.getLogger("corral.nanny")
 
 #: Exit status of a worker that asks its supervisor for a fresh process.
@@ -58,7 +68,13 @@ QUICK_CRASHES_FREE = 3
 
 
 class Slot:
-    """One supervised worker: its command, and the process currently running it."""
+    """One supervised worker: its command, and the process currently running it.
+
+    It is the ``nanny`` that :class:`corral.NannyPlugin` hooks receive:
+    ``env`` (the environment of the next worker process; change it and ask
+    for a restart), ``label``, ``id``, ``proc`` and ``pid`` (the current
+    process) and ``plugins`` (its nanny plugins by name).
+    """
 
     def __init__(
         self, command: list[str], env: dict[str, str] | None = None, label: str = ""
@@ -68,9 +84,17 @@ class Slot:
         self.label = label or self.id
         self._dir = tempfile.mkdtemp(prefix="corral-nanny-")
         self.ready_file = os.path.join(self._dir, "ready")
+        channel = os.path.join(self._dir, "plugins")
+        os.mkdir(channel)
+        self._plugins = nanny_channel.SupervisorEnd(channel, self)
         self.env = dict(os.environ if env is None else env)
         self.env.update(
-            {SLOT_ENV: self.id, READY_ENV: self.ready_file, PARENT_ENV: str(os.getpid())}
+            {
+                SLOT_ENV: self.id,
+                READY_ENV: self.ready_file,
+                PARENT_ENV: str(os.getpid()),
+                nanny_channel.CHANNEL_ENV: channel,
+            }
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
@@ -144,8 +168,23 @@ class Slot:
         """True when a restart decided by :meth:`exited` may start now."""
         return self.restart_at is not None and time.monotonic() >= self.restart_at
 
+    @property
+    def plugins(self) -> dict[str, Any]:
+        """The nanny plugins set up on this slot, by name."""
+        return self._plugins.plugins
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the current worker process, if one was started."""
+        return self.proc.pid if self.proc is not None else None
+
+    def serve_plugins(self) -> None:
+        """Set up / tear down the nanny plugins the child handed over (supervisor loop)."""
+        self._plugins.serve()
+
     def cleanup(self) -> None:
-        """Remove the slot's temporary folder."""
+        """Tear down the slot's nanny plugins and remove its temporary folder."""
+        self._plugins.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -177,6 +216,7 @@ def supervise(commands: list[tuple[str, list[str]]], stop_timeout: float = 30.0)
             time.sleep(0.1)
             for s in list(running):
                 assert s.proc is not None
+                s.serve_plugins()
                 if s.restart_at is not None:
                     if stopping.is_set():
                         running.remove(s)
@@ -216,10 +256,17 @@ def supervise(commands: list[tuple[str, list[str]]], stop_timeout: float = 30.0)
 class ChildInfo:
     """What a supervised child read from its environment (removed from it, for its tasks)."""
 
-    def __init__(self, slot: str, ready_file: str | None, parent: int | None) -> None:
+    def __init__(
+        self,
+        slot: str,
+        ready_file: str | None,
+        parent: int | None,
+        channel: str | None = None,
+    ) -> None:
         self.slot = slot
         self.ready_file = ready_file
         self.parent = parent
+        self.channel = channel  # the nanny plugin folder (corral.nanny_channel)
 
     def mark_ready(self) -> None:
         """Tell the supervisor this child connected."""
@@ -250,13 +297,14 @@ def child_info(environ: dict[str, str] | Any = None) -> ChildInfo | None:
     slot = env.pop(SLOT_ENV, None)
     ready = env.pop(READY_ENV, None)
     parent = env.pop(PARENT_ENV, None)
+    channel = env.pop(nanny_channel.CHANNEL_ENV, None)
     if not slot:
         return None
     try:
         parent_pid = int(parent) if parent else None
     except ValueError:
         parent_pid = None
-    return ChildInfo(slot, ready, parent_pid)
+    return ChildInfo(slot, ready, parent_pid, channel)
 
 
 def python_command(*args: str) -> list[str]:

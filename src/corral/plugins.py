@@ -1,12 +1,16 @@
 """Plugins: code that runs around the life of workers and of the scheduler.
 
-Two kinds, with dask.distributed's names and hook signatures so that existing
+Three kinds, with dask.distributed's names and hook signatures so that existing
 plugins work unchanged:
 
 * :class:`WorkerPlugin`: registered with ``client.register_plugin(plugin)``.
   It travels by value (cloudpickle, so classes defined in ``__main__`` work),
   is kept on the scheduler as opaque bytes, and is set up on every current
   worker and on every worker that joins later.
+* :class:`NannyPlugin`: registered the same way; set up in the supervisor
+  (nanny) of every current and future supervised worker, in the
+  supervisor's process (:mod:`corral.nanny`); :class:`Environ` sets
+  environment variables of the worker processes that way.
 * :class:`SchedulerPlugin`: added with ``scheduler.add_plugin(plugin)`` (from a
   preload) or sent with ``client.register_plugin(plugin)``; its hooks see
   workers and clients come and go, graphs arrive and tasks change state.
@@ -69,6 +73,8 @@ from .protocol.serialize import Payload, deserialize, serialize
 
 __all__ = [
     "SLOW_HOOK_SECONDS",
+    "Environ",
+    "NannyPlugin",
     "PipInstall",
     "PipInstallError",
     "SchedulerPlugin",
@@ -121,6 +127,69 @@ class WorkerPlugin:
         ``constrained``, ``executing``, ``memory``, ``error``, ``fetch``,
         ``flight``, ``missing``, ``cancelled``, ``forgotten``.
         """
+
+
+class NannyPlugin:
+    """Base class of nanny plugins: they run in each worker's supervisor; every method is optional.
+
+    Registered with ``client.register_plugin(plugin)``, like a worker plugin,
+    and set up in the supervisor (nanny) of every current supervised worker
+    and of every supervised worker that joins later.  The ``nanny`` passed to
+    the hooks is the supervisor's :class:`~corral.nanny.Slot` for that worker:
+    ``nanny.env`` is the environment the next worker process starts with.
+    With ``restart = True`` the worker process is restarted after ``setup``,
+    so what the plugin changed is in place when the worker starts.  Workers
+    without a supervisor (``--no-nanny``, ``LocalCluster(processes=False)``)
+    have no nanny: registration reports ``{"status": "no-nanny"}`` for them.
+
+    ``name`` and ``idempotent`` work as for :class:`WorkerPlugin`; nanny
+    plugins have names of their own (``client.unregister_worker_plugin(name,
+    nanny=True)`` removes one).
+
+    Example::
+
+        class Limits(NannyPlugin):
+            name = "limits"
+            restart = True
+
+            def setup(self, nanny):
+                nanny.env["OMP_NUM_THREADS"] = "1"
+    """
+
+    idempotent: bool = False
+    #: Restart the worker process after ``setup`` (the first time, per supervisor).
+    restart: bool = False
+
+    def setup(self, nanny: Any) -> Any:
+        """Run in the supervisor when the plugin is registered or its worker joins."""
+
+    def teardown(self, nanny: Any) -> Any:
+        """Run in the supervisor when the plugin is unregistered or replaced, or it stops."""
+
+
+class Environ(NannyPlugin):
+    """A nanny plugin setting environment variables of the worker processes (restarts them).
+
+    Values are turned into strings.  The variables are in place for every
+    process the supervisor starts from then on; unregistering the plugin does
+    not take them back (as in dask.distributed).
+
+    Example::
+
+        client.register_plugin(Environ({"MY_SETTING": "1"}))
+    """
+
+    restart = True
+
+    def __init__(self, environ: dict[str, Any] | None = None) -> None:
+        environ = environ or {}
+        if not isinstance(environ, dict):
+            raise TypeError(f"Environ takes a dict of variables, not {type(environ).__name__}")
+        self.environ = {str(k): str(v) for k, v in environ.items()}
+
+    def setup(self, nanny: Any) -> None:
+        """Add the variables to the environment of ``nanny``'s next worker process."""
+        nanny.env.update(self.environ)
 
 
 class SchedulerPlugin:

@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from ..plugins import SCHEDULER_HOOKS, SchedulerPlugin, WorkerPlugin, plugin_name
+from ..plugins import SCHEDULER_HOOKS, NannyPlugin, SchedulerPlugin, WorkerPlugin, plugin_name
 from ..protocol.messages import (
     ErrorInfo,
     Message,
@@ -53,10 +53,21 @@ def _raise_first(outcomes: dict[str, Outcome]) -> None:
 
 
 def _status(outcomes: dict[str, Outcome]) -> dict[str, Any]:
-    return {address: {"status": "OK"} for address in sorted(outcomes)}
+    """``{address: status}``: ``{"status": "OK"}``, or what the worker said instead.
+
+    A worker with no supervisor answers a nanny plugin with a pickled
+    ``{"status": "no-nanny", "message": ...}``.
+    """
+    out: dict[str, Any] = {}
+    for address in sorted(outcomes):
+        result = outcomes[address].result
+        out[address] = {"status": "OK"} if result is None else deserialize(result)
+    return out
 
 
 def _plugin_kind(plugin: Any) -> str:
+    if isinstance(plugin, NannyPlugin):
+        return "nanny"
     if isinstance(plugin, SchedulerPlugin):
         return "scheduler"
     if isinstance(plugin, WorkerPlugin):
@@ -105,7 +116,7 @@ class PluginMethods:
     def register_plugin(
         self, plugin: Any, name: str | None = None, idempotent: bool | None = None
     ) -> Any:
-        """Register a :class:`~corral.WorkerPlugin` or a :class:`~corral.SchedulerPlugin`.
+        """Register a worker, nanny or scheduler plugin (:class:`~corral.WorkerPlugin`, ...).
 
         A worker plugin is sent by value, kept by the scheduler (unopened) and
         set up on every current worker and every worker that joins later; it
@@ -117,6 +128,12 @@ class PluginMethods:
         ``name`` defaults to ``plugin.name`` (else a fresh unique name).
         Registering a name again tears down the old plugin and sets up the new
         one, unless the plugin is ``idempotent`` (then the first is kept).
+
+        A nanny plugin goes the same way to the supervisor (nanny) of every
+        current and future supervised worker; a worker with no supervisor is
+        reported as ``{"status": "no-nanny", "message": ...}``.  With
+        ``plugin.restart`` the workers restart after its setup, and this
+        returns once they are back.
 
         A scheduler plugin is unpickled on the scheduler, started
         (``plugin.start(scheduler)``) and added.
@@ -134,20 +151,21 @@ class PluginMethods:
         if idempotent is None:
             idempotent = bool(getattr(plugin, "idempotent", False))
         payload = serialize(plugin)
-        if _plugin_kind(plugin) == "scheduler":
+        kind = _plugin_kind(plugin)
+        if kind == "scheduler":
             coro: Coroutine[Any, Any, Any] = self._register_scheduler_plugin(
                 name, payload, idempotent
             )
         else:
-            coro = self._register_worker_plugin(name, payload, idempotent)
+            coro = self._register_worker_plugin(name, payload, idempotent, kind == "nanny")
         return self._sync(coro)
 
     async def _register_worker_plugin(
-        self, name: str, payload: Any, idempotent: bool
+        self, name: str, payload: Any, idempotent: bool, nanny: bool = False
     ) -> dict[str, Any]:
         results = await self._ask(
             lambda rid: RegisterWorkerPlugin(
-                id=rid, name=name, plugin=payload, idempotent=idempotent
+                id=rid, name=name, plugin=payload, idempotent=idempotent, nanny=nanny
             )
         )
         _raise_first(results.outcomes)
@@ -163,12 +181,18 @@ class PluginMethods:
     def register_worker_plugin(
         self, plugin: Any = None, name: str | None = None, nanny: bool | None = None
     ) -> Any:
-        """Register a worker plugin (dask.distributed's older name for :meth:`register_plugin`)."""
-        if nanny:
-            raise NotImplementedError("Corral has no nanny plugins")
+        """Register a worker plugin (dask.distributed's older name for :meth:`register_plugin`).
+
+        ``nanny=True`` registers it as a nanny plugin (the default: a
+        :class:`~corral.NannyPlugin` is one).
+        """
+        if nanny is None:
+            nanny = isinstance(plugin, NannyPlugin)
         name = plugin_name(plugin, name)
         idempotent = bool(getattr(plugin, "idempotent", False))
-        return self._sync(self._register_worker_plugin(name, serialize(plugin), idempotent))
+        return self._sync(
+            self._register_worker_plugin(name, serialize(plugin), idempotent, bool(nanny))
+        )
 
     def register_scheduler_plugin(
         self, plugin: Any, name: str | None = None, idempotent: bool | None = None
@@ -182,13 +206,17 @@ class PluginMethods:
     def unregister_worker_plugin(self, name: str, nanny: bool | None = None) -> Any:
         """Tear down the worker plugin ``name`` on every worker and forget it.
 
-        Returns ``{worker_address: {"status": "OK"}}``; raises ``ValueError``
-        for an unknown name, or the first teardown error.
+        With ``nanny=True``: the nanny plugin ``name``, torn down in every
+        worker's supervisor.  Returns ``{worker_address: {"status": "OK"}}``
+        (``"no-nanny"`` for unsupervised workers); raises ``ValueError`` for
+        an unknown name, or the first teardown error.
         """
-        return self._sync(self._unregister_worker_plugin(name))
+        return self._sync(self._unregister_worker_plugin(name, bool(nanny)))
 
-    async def _unregister_worker_plugin(self, name: str) -> dict[str, Any]:
-        results = await self._ask(lambda rid: UnregisterWorkerPlugin(id=rid, name=name))
+    async def _unregister_worker_plugin(self, name: str, nanny: bool = False) -> dict[str, Any]:
+        results = await self._ask(
+            lambda rid: UnregisterWorkerPlugin(id=rid, name=name, nanny=nanny)
+        )
         _raise_first(results.outcomes)
         return _status(results.outcomes)
 

@@ -311,6 +311,7 @@ class LocalCluster:
         if self._supervision["stopping"]:
             return
         for name, slot in list(self._slots.items()):
+            slot.serve_plugins()  # nanny plugins handed over by the worker (corral.nanny)
             proc = self._worker_procs.get(name)
             if proc is None or slot.outcome is not None:
                 continue  # stopped, or finished for good (left to _forget_dead_workers)

@@ -3,6 +3,6 @@
 The plugin classes live in :mod:`corral.plugins` (also exported from ``corral``).
 """
 
-from ..plugins import PipInstall, SchedulerPlugin, UploadFile, WorkerPlugin
+from ..plugins import Environ, NannyPlugin, PipInstall, SchedulerPlugin, UploadFile, WorkerPlugin
 
-__all__ = ["PipInstall", "SchedulerPlugin", "UploadFile", "WorkerPlugin"]
+__all__ = ["Environ", "NannyPlugin", "PipInstall", "SchedulerPlugin", "UploadFile", "WorkerPlugin"]

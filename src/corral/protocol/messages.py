@@ -752,6 +752,7 @@ class RegisterWorkerPlugin(Message):
     name: str
     plugin: Payload
     idempotent: bool = False
+    nanny: bool = False  # a NannyPlugin: set up by each worker's supervisor
 
 
 @record
@@ -764,6 +765,7 @@ class UnregisterWorkerPlugin(Message):
     op: ClassVar[str] = "unregister_worker_plugin"
     id: int
     name: str
+    nanny: bool = False  # the nanny plugin of that name (they have names of their own)
 
 
 @record
@@ -852,6 +854,7 @@ class SetupPlugin(Message):
     name: str
     plugin: Payload
     registration: str
+    nanny: bool = False  # hand it to this worker's supervisor (corral.nanny_channel)
 
 
 @record
@@ -864,6 +867,7 @@ class TeardownPlugin(Message):
     op: ClassVar[str] = "teardown_plugin"
     id: int
     name: str
+    nanny: bool = False  # the supervisor's nanny plugin of that name
 
 
 @record

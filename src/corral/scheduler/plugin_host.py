@@ -7,6 +7,8 @@ for the plugin and run ops of clients, and for ``worker_result`` messages.
 
 * Worker plugins are kept as opaque payloads (the scheduler never loads them)
   and handed to each worker that joins, before anything else is sent to it.
+  Nanny plugins too (``nanny``: a name space of their own, handed over
+  first): the worker passes them on to its supervisor (:mod:`corral.nanny`).
 * Scheduler plugins are Python objects living here; their hooks run on the
   scheduler's event loop (see :mod:`corral.plugins`).
 * Requests that need an answer from several workers (plugin setup and
@@ -87,6 +89,7 @@ class WorkerPluginEntry:
     name: str
     payload: Payload
     registration: str
+    nanny: bool = False  # for the workers' supervisors
 
 
 class PluginHost:
@@ -102,6 +105,7 @@ class PluginHost:
         self.preloads = Preloads("scheduler", preload, preload_argv)
         self.plugins: dict[str, Any] = {}
         self.worker_plugins: dict[str, WorkerPluginEntry] = {}
+        self.nanny_plugins: dict[str, WorkerPluginEntry] = {}
         self.events: dict[str, deque[tuple[float, Any]]] = {}
         self.hooks = HookRunner(logger, on_error=self._hook_failed)
         self._hooks: dict[str, set[str]] = {}  # plugin name -> hooks it implements
@@ -288,7 +292,8 @@ class PluginHost:
     # -- workers coming and going --------------------------------------------------
     def worker_joining(self, address: str, conn: Connection) -> None:
         """Hand every registered worker plugin to a joining worker (before anything else)."""
-        entries = list(self.worker_plugins.values())
+        # Nanny plugins first: one may restart the worker, which then gets all again.
+        entries = [*self.nanny_plugins.values(), *self.worker_plugins.values()]
         if entries:
             self._joining[address] = [len(entries), []]
         for entry in entries:
@@ -297,7 +302,11 @@ class PluginHost:
             )
             conn.send(
                 SetupPlugin(
-                    id=sid, name=entry.name, plugin=entry.payload, registration=entry.registration
+                    id=sid,
+                    name=entry.name,
+                    plugin=entry.payload,
+                    registration=entry.registration,
+                    nanny=entry.nanny,
                 )
             )
 
@@ -391,19 +400,25 @@ class PluginHost:
     def _register_worker_plugin(
         self, client_id: str, msg: RegisterWorkerPlugin, reply: Callable[..., None]
     ) -> None:
-        if msg.name in self.worker_plugins and msg.idempotent:
+        registry = self.nanny_plugins if msg.nanny else self.worker_plugins
+        if msg.name in registry and msg.idempotent:
             reply({})
             return
-        entry = WorkerPluginEntry(msg.name, msg.plugin, uuid.uuid4().hex)
-        self.worker_plugins.pop(msg.name, None)  # a new registration goes last
-        self.worker_plugins[msg.name] = entry
+        entry = WorkerPluginEntry(msg.name, msg.plugin, uuid.uuid4().hex, msg.nanny)
+        registry.pop(msg.name, None)  # a new registration goes last
+        registry[msg.name] = entry
+        kind = "nanny" if msg.nanny else "worker"
         self.log_event(
-            "plugins", {"action": "register-worker-plugin", "name": msg.name, "client": client_id}
+            "plugins", {"action": f"register-{kind}-plugin", "name": msg.name, "client": client_id}
         )
         self._ask_workers(
             list(self.scheduler.state.workers),
             lambda sid: SetupPlugin(
-                id=sid, name=entry.name, plugin=entry.payload, registration=entry.registration
+                id=sid,
+                name=entry.name,
+                plugin=entry.payload,
+                registration=entry.registration,
+                nanny=entry.nanny,
             ),
             # A setup may restart its worker (PipInstall(restart_workers=True)): the
             # answer waits until such workers are back (corral.scheduler.consistency).
@@ -413,16 +428,18 @@ class PluginHost:
     def _unregister_worker_plugin(
         self, client_id: str, msg: UnregisterWorkerPlugin, reply: Callable[..., None]
     ) -> None:
-        if self.worker_plugins.pop(msg.name, None) is None:
-            reply(error=error_info(ValueError(f"no worker plugin named {msg.name!r}")))
+        registry = self.nanny_plugins if msg.nanny else self.worker_plugins
+        kind = "nanny" if msg.nanny else "worker"
+        if registry.pop(msg.name, None) is None:
+            reply(error=error_info(ValueError(f"no {kind} plugin named {msg.name!r}")))
             return
         self.log_event(
             "plugins",
-            {"action": "unregister-worker-plugin", "name": msg.name, "client": client_id},
+            {"action": f"unregister-{kind}-plugin", "name": msg.name, "client": client_id},
         )
         self._ask_workers(
             list(self.scheduler.state.workers),
-            lambda sid: TeardownPlugin(id=sid, name=msg.name),
+            lambda sid: TeardownPlugin(id=sid, name=msg.name, nanny=msg.nanny),
             reply,
         )
 

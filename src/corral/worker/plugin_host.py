@@ -10,6 +10,11 @@ Everything here runs on the worker's event loop thread:
 * ``worker_run``: the function is called on the event loop thread (a coroutine
   function is awaited, or only started with ``wait=False``), so it can look at
   the worker's state safely; it must not block for long.
+* ``setup_plugin`` / ``teardown_plugin`` with ``nanny``: the plugin is a
+  nanny plugin, for this worker's supervisor; it is passed on unopened
+  through the private channel (:mod:`corral.nanny_channel`), and the worker
+  restarts when the supervisor says so.  A worker with no supervisor answers
+  ``{"status": "no-nanny", ...}`` (pickled in the outcome's ``result``).
 * ``transition`` hooks are called after each batch of state changes, with the
   transitions of that batch in order, read from the worker state's own log
   (``WorkerState.log``): the state machine stays free of hooks.
@@ -23,6 +28,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from .. import nanny_channel
 from ..plugins import (
     HookRunner,
     WorkerPlugin,
@@ -41,7 +47,7 @@ from ..protocol.messages import (
     WorkerResult,
     WorkerRun,
 )
-from ..protocol.serialize import deserialize
+from ..protocol.serialize import deserialize, serialize
 from .execution import error_info
 
 if TYPE_CHECKING:
@@ -202,7 +208,47 @@ class WorkerPluginHost:
         if conn is not None and not conn.closed:
             conn.send(WorkerResult(id=sid, outcome=outcome))
 
+    def _no_nanny(self) -> Outcome:
+        where = self.worker.address or self.worker.name
+        return Outcome(
+            result=serialize(
+                {
+                    "status": "no-nanny",
+                    "message": f"worker {where} runs without a supervisor (nanny): "
+                    "nanny plugins are not set up for it",
+                }
+            )
+        )
+
+    async def _nanny_op(self, msg: SetupPlugin | TeardownPlugin) -> None:
+        """Pass a nanny plugin op to the supervisor; restart when it says so."""
+        generation = self.worker._generation
+        folder = self.worker.nanny_channel
+        if folder is None:
+            outcome = self._no_nanny()
+        else:
+            if isinstance(msg, SetupPlugin):
+                req = nanny_channel.request("setup", msg.name, msg.plugin, msg.registration)
+            else:
+                req = nanny_channel.request("teardown", msg.name)
+            try:
+                answer = await nanny_channel.WorkerEnd(folder).ask(req)
+            except Exception as exc:
+                logger.exception("handing nanny plugin %r to the supervisor failed", msg.name)
+                outcome = Outcome(error=error_info(exc))
+            else:
+                outcome = Outcome(error=answer.error)
+                if answer.restart and answer.error is None:
+                    # Told before the answer leaves, so the scheduler answers the
+                    # client once the fresh process is back (as PipInstall).
+                    self.worker.request_restart(f"nanny plugin {msg.name!r}")
+        if generation == self.worker._generation:
+            self._reply(msg.id, outcome)
+
     async def _setup(self, msg: SetupPlugin) -> None:
+        if msg.nanny:
+            await self._nanny_op(msg)
+            return
         generation = self.worker._generation
         if msg.name in self.plugins and self.registrations.get(msg.name) == msg.registration:
             self._reply(msg.id, Outcome())  # set up already (this worker reconnected)
@@ -218,6 +264,9 @@ class WorkerPluginHost:
             self._reply(msg.id, outcome)
 
     async def _teardown(self, msg: TeardownPlugin) -> None:
+        if msg.nanny:
+            await self._nanny_op(msg)
+            return
         generation = self.worker._generation
         try:
             if msg.name in self.plugins:

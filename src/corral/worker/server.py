@@ -108,6 +108,7 @@ class Worker:
         memory_terminate_fraction: float | None = None,
         memory_spill_fraction: float | None = None,
         nanny_slot: str | None = None,
+        nanny_channel: str | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads or os.cpu_count() or 1
@@ -137,6 +138,8 @@ class Worker:
         self.exit_code: int | None = None
         # Run by a supervisor (corral.nanny) that restarts this process: its slot id.
         self.nanny_slot = nanny_slot
+        # Where nanny plugins go to that supervisor (corral.nanny_channel).
+        self.nanny_channel = nanny_channel
         self._restart_reason: str | None = None
         self.reconnect = reconnect
         self.connect_timeout = connect_timeout
